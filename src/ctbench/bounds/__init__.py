@@ -1,0 +1,7 @@
+"""The bound engine: pure functions from a lowered network and an input box to bounds."""
+from .box import Box, linf_box, sample_in_box
+from .ibp import IBPOptions, ibp_margin_lower, interval_bounds
+from .spec import is_certified, margin_spec, worst_case_logits
+
+__all__ = ["Box", "IBPOptions", "ibp_margin_lower", "interval_bounds", "is_certified", "linf_box",
+           "margin_spec", "sample_in_box", "worst_case_logits"]

@@ -1,0 +1,148 @@
+"""The ``ctbench`` command: parses arguments, calls library functions, prints at the edge."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_from_dict
+from .data import DataError
+
+
+def _progress(iterable, total, description):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _default_out(source: str) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return Path("runs") / (path.stem if path.suffix in (".yaml", ".yml") else source)
+
+
+def cmd_train(args) -> int:
+    from .presets import load_config
+    from .training import Trainer
+
+    config = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else _default_out(args.config)
+    results = Trainer(config, out, progress=None if args.quiet else _progress).fit(resume=args.resume)
+    test = results["test"]
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"run folder: {out}   model: {results['model']}")
+        print(f"test set ({test['samples']} samples, eps {test['eps']:g}): natural {_percent(test['natural_accuracy'])}  "
+              f"IBP-certified {_percent(test['certified_accuracy'])}  PGD {_percent(test['adversarial_accuracy'])}")
+    return 0
+
+
+def load_trained(source: str):
+    """(model, config) from a run folder (its final.pt) or a checkpoint file."""
+    from .data import DATASETS
+    from .training import build_model_for, load_checkpoint, load_model_state
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "final.pt" if (path / "final.pt").exists() else path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    if "config" not in state or "model" not in state:
+        raise ConfigError(f"{path} is not a ctbench checkpoint (no config or model entry)")
+    config = config_from_dict(state["config"])
+    model = build_model_for(config, DATASETS.get(config.data.dataset).spec)
+    load_model_state(model, state["model"], str(path))
+    return model.eval(), config
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from .attacks import PGDSettings
+    from .data import load_dataset
+    from .evaluation import evaluate
+    from .training import resolve_device
+
+    model, config = load_trained(args.source)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device or config.device)
+    dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
+    eps = config.eps.test_eps if args.eps is None else args.eps
+    test = dataset.test.subset(torch.arange(args.start, min(args.start + (args.count or len(dataset.test)), len(dataset.test))))
+    attack = PGDSettings(steps=args.steps, restarts=args.restarts) if args.steps > 0 else None
+    result = evaluate(model.to(device), test, eps, device, config.evaluation.batch_size, attack=attack)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{result.samples} test samples at eps {eps:g}: natural {_percent(result.natural_accuracy)}  "
+              f"IBP-certified {_percent(result.certified_accuracy)}  PGD {_percent(result.adversarial_accuracy)}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .presets import describe, preset_names
+
+    rows = [describe(name) for name in preset_names()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'preset':28s} {'dataset':13s} {'model':6s} {'method':10s} {'train eps':>9s} {'test eps':>9s} {'epochs':>6s}")
+    for row in rows:
+        print(f"{row['name']:28s} {row['dataset']:13s} {row['model']:6s} {row['method']:10s} "
+              f"{row['train_eps']:9.4g} {row['test_eps']:9.4g} {row['epochs']:6d}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctbench", description="Certified training benchmark")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a preset, a YAML file or a run folder")
+    train.add_argument("config", help="preset (SETTING/METHOD, see `ctbench presets`), YAML file, or run folder")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    train.add_argument("--out", help="run folder (default: runs/<preset>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and PGD accuracy on the test set")
+    evaluate.add_argument("source", help="run folder or checkpoint file")
+    evaluate.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
+    evaluate.add_argument("--start", type=int, default=0, help="first test sample")
+    evaluate.add_argument("--count", type=int, help="number of test samples (default: all)")
+    evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (0: no attack)")
+    evaluate.add_argument("--restarts", type=int, default=3, help="PGD restarts")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+    evaluate.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    presets = commands.add_parser("presets", help="list the shipped presets")
+    presets.add_argument("--json", action="store_true")
+    presets.set_defaults(run=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training import CheckpointError
+
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+        print(f"ctbench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Datasets as uint8 tensors in memory, with checked files, validation split and batch augmentation."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models import InputSpec
+from ..registry import Registry
+
+DATA_DIR_ENV = "CTBENCH_DATA"
+
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt or malformed; the message names the file and the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+    def head(self, count: int | None) -> "Split":
+        return self if count is None else Split(self.images[:count], self.labels[:count])
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random crop after padding by ``crop_padding`` pixels, and random horizontal flip."""
+
+    crop_padding: int = 0
+    horizontal_flip: bool = False
+    padding_mode: str = "zeros"  # the paper pads with zeros; the reference code replicates edges
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    spec: InputSpec
+    train: Split
+    test: Split
+    augmentation: Augmentation
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    spec: InputSpec
+    augmentation: Augmentation
+    load: Callable[[Path, bool], tuple[Split, Split]]  # (root, download) -> (train, test)
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def data_root(data_dir: str | os.PathLike | None) -> Path:
+    """The data directory: the given one, else $CTBENCH_DATA, else ./data."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+    info = DATASETS.get(name)
+    train, test = info.load(data_root(data_dir), download)
+    return Dataset(name, info.spec, train, test, info.augmentation)
+
+
+def split_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:
+    """Carve a fixed, seeded validation split out of the training set (used for model
+    selection, so the test set is only touched for the final numbers)."""
+    if size < 0 or size >= len(train):
+        raise ValueError(f"data.validation_size={size} must be in [0, {len(train)})")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[size:]), train.subset(order[:size])
+
+
+def digest_of(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return digest_of(path, "sha256")
+
+
+def verify_file(path: Path, sha256: str) -> None:
+    """Check a file against a SHA256 hex digest, or against "md5:<hex>" where the publisher
+    gives only an MD5 (TinyImageNet)."""
+    algorithm, _, expected = sha256.rpartition(":")
+    algorithm = algorithm or "sha256"
+    actual = digest_of(path, algorithm)
+    if actual != expected.lower():
+        raise DataError(f"{path} is corrupt: its {algorithm.upper()} is {actual}, expected {expected}. "
+                        f"Delete it and download it again (or copy a good copy there).")
+
+
+def fetch(url: str, destination: Path, sha256: str) -> None:
+    """Download ``url`` to ``destination`` atomically and verify its checksum (see verify_file)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as part:
+        partial = Path(part.name)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, part)
+        except Exception:
+            partial.unlink(missing_ok=True)
+            raise
+    try:
+        verify_file(partial, sha256)
+    except DataError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, destination)
+
+
+def ensure_files(directory: Path, files: dict[str, tuple[str, str]], dataset: str, download: bool,
+                 hint: str = "") -> None:
+    """Make sure each file (name -> (url, checksum), see verify_file) is in ``directory`` with the
+    right checksum, downloading what is missing when allowed; offline, name every missing file and
+    the fix. ``hint`` is added to those messages (e.g. where an unpacked copy may go instead)."""
+    hint = f" {hint}" if hint else ""
+    missing = [name for name in files if not (directory / name).exists()]
+    if missing and download:
+        failures = []
+        for name in missing:
+            url, sha256 = files[name]
+            try:
+                fetch(url, directory / name, sha256)
+            except DataError:
+                raise
+            except Exception as error:  # offline, DNS, HTTP errors
+                failures.append(f"{url} ({error.__class__.__name__}: {error})")
+        missing = [name for name in files if not (directory / name).exists()]
+        if missing:
+            raise DataError(
+                f"{dataset}: could not download {', '.join(missing)} into {directory}: "
+                + "; ".join(failures)
+                + f". Put the files there by hand (or set ${DATA_DIR_ENV} / data.data_dir).{hint}")
+    if missing:
+        raise DataError(
+            f"{dataset}: missing {', '.join(missing)} in {directory}. Copy them there, set "
+            f"${DATA_DIR_ENV} or data.data_dir to the folder that holds them, or allow downloading.{hint}")
+    for name, (url, sha256) in files.items():
+        verify_file(directory / name, sha256)
+
+
+def augment_batch(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
+    """Random crop (after padding) and horizontal flip of a whole float batch, on its device."""
+    batch, _, height, width = images.shape
+    pad = augmentation.crop_padding
+    if pad > 0:
+        mode = "constant" if augmentation.padding_mode == "zeros" else "replicate"
+        padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
+        offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)
+        rows = offsets[0, :, None] + torch.arange(height, device=images.device)
+        cols = offsets[1, :, None] + torch.arange(width, device=images.device)
+        sample = torch.arange(batch, device=images.device)[:, None, None]
+        images = padded.permute(0, 2, 3, 1)[sample, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if augmentation.horizontal_flip:
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    return images.contiguous()
+
+
+def to_float(images: Tensor, device: torch.device | str) -> Tensor:
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def iterate_batches(split: Split, batch_size: int, device: torch.device | str, *, shuffle: bool = False,
+                    generator: torch.Generator | None = None, augmentation: Augmentation | None = None,
+                    drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (float images in [0, 1], labels) batches on ``device``. Shuffling and augmentation
+    draw from ``generator`` only, so the order is a function of its seed (resumable runs)."""
+    count = len(split)
+    if shuffle:
+        order = torch.randperm(count, generator=generator)
+    else:
+        order = torch.arange(count)
+    stop = count - count % batch_size if drop_last else count
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]
+        images = to_float(split.images[index], device)
+        if augmentation is not None and (augmentation.crop_padding or augmentation.horizontal_flip):
+            images = augment_batch(images, augmentation, generator)
+        yield images, split.labels[index].to(device, non_blocking=True)
+
+
+def num_batches(count: int, batch_size: int, drop_last: bool = False) -> int:
+    return count // batch_size if drop_last else -(-count // batch_size)

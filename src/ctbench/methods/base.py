@@ -1,0 +1,93 @@
+"""The contract of a training method: a robust loss for one (sub-)batch.
+
+The Trainer owns everything shared: the clean forward pass that fixes the BatchNorm
+statistics of the step, the natural loss, (1 - w_rob) L_nat + w_rob L_rob + L_reg, the
+regularizers and the optimizer. A method only turns a batch into L_rob.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor, nn
+
+from ..attacks import PGDSettings
+from ..bounds import Box, linf_box
+from ..models.ops import BatchNormStats, Op, run_ops
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+@dataclass(frozen=True, eq=False)
+class StepInputs:
+    """What a method sees of one training (sub-)batch.
+
+    ``ops`` is the network lowered with the clean-batch BatchNorm statistics of this step (the
+    parameters and statistics keep their gradients); ``attack_ops`` is the same network with
+    everything detached, for attacks that need gradients only with respect to their input."""
+
+    model: nn.Module
+    inputs: Tensor
+    labels: Tensor
+    eps: float
+    eps_target: float
+    ops: tuple[Op, ...]
+    attack_ops: tuple[Op, ...]
+    clean_logits: Tensor
+    bn_stats: BatchNormStats | None
+    num_classes: int
+
+    def box(self, radius: float | None = None) -> Box:
+        return linf_box(self.inputs, self.eps if radius is None else radius)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return run_ops(self.ops, x)
+
+    def attack_logits(self, x: Tensor) -> Tensor:
+        return run_ops(self.attack_ops, x)
+
+
+@dataclass
+class RobustLoss:
+    """L_rob of a batch, with named metrics for the log. ``ibp_boxes`` are the IBP boxes of the
+    full eps box after every op but the last, when the method computed them, so the warm-up
+    regularizer can reuse them instead of propagating again."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    ibp_boxes: list[Box] | None = None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Method:
+    """Base class. Subclasses set ``Options`` (a frozen dataclass of their hyper-parameters)
+    and ``certified`` (IBP init and certified-accuracy model selection), and implement
+    ``robust_loss``."""
+
+    Options: ClassVar[type] = NoOptions
+    certified: ClassVar[bool] = True
+    # Whether the loss is a sum of independent per-sample terms once the BatchNorm statistics
+    # are fixed (then gradient accumulation equals the full batch exactly).
+    per_sample_loss: ClassVar[bool] = True
+
+    def __init__(self, options, config: "TrainConfig") -> None:
+        self.options = options
+        self.config = config
+
+    def robust_loss(self, step: StepInputs) -> RobustLoss:
+        raise NotImplementedError
+
+    def attack_settings(self) -> PGDSettings:
+        attack = self.config.attack
+        return PGDSettings(steps=attack.steps, restarts=attack.restarts, step_size=attack.step_size,
+                           step_decay=attack.step_decay, decay_at=attack.decay_at,
+                           random_start=attack.random_start)
+
+
+METHODS: Registry[type[Method]] = Registry("method")

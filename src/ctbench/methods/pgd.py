@@ -1,0 +1,27 @@
+"""PGD adversarial training (Madry et al. 2018).
+
+L_rob = CE at the highest-loss point PGD finds in the eps box (random start, restarts, decaying
+sign steps; the attack settings are the config's ``attack`` section). The attack runs on the
+detached network with this step's clean BatchNorm statistics.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..attacks import pgd_attack
+from .base import METHODS, Method, RobustLoss, StepInputs
+
+
+def adversarial_point(method: Method, step: StepInputs, radius: float | None = None):
+    eps = step.eps * method.config.attack.eps_factor if radius is None else radius
+    return pgd_attack(step.attack_logits, step.box(eps), step.labels, method.attack_settings())
+
+
+@METHODS.register("pgd")
+class PGD(Method):
+    certified = False
+
+    def robust_loss(self, step: StepInputs) -> RobustLoss:
+        adversarial_logits = step.logits(adversarial_point(self, step))
+        accuracy = (adversarial_logits.argmax(1) == step.labels).float().mean().item()
+        return RobustLoss(F.cross_entropy(adversarial_logits, step.labels), {"pgd_accuracy": accuracy})

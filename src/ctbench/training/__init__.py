@@ -1,0 +1,6 @@
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .step import StepSettings, compute_step_gradients, training_step
+from .trainer import Trainer, build_model_for, make_method, resolve_device
+
+__all__ = ["CheckpointError", "StepSettings", "Trainer", "build_model_for", "compute_step_gradients",
+           "load_checkpoint", "load_model_state", "make_method", "resolve_device", "training_step"]

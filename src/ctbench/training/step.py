@@ -1,0 +1,105 @@
+"""One optimizer step for any method: (1 - w_rob) L_nat + w_rob L_rob + L_reg.
+
+BatchNorm statistics are set once per step from the clean batch and every pass of the step
+(attacks, bounds, TAPS points) uses them, gradients flowing through them. With gradient
+accumulation the statistics come from the full batch: each sub-batch's loss is differentiated
+with the statistics held as leaves, and their accumulated gradient is pushed back through the
+clean forward pass once at the end, so the result equals the full-batch gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..bounds import interval_bounds, linf_box
+from ..config import TrainConfig
+from ..methods import Method, StepInputs
+from ..models.ops import BatchNormStats, clean_forward, lower_network, run_ops
+from .regularizers import l1_penalty, shi_warmup_penalty
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    eps: float
+    eps_target: float
+    num_classes: int
+
+
+def _leaf_statistics(stats: BatchNormStats) -> BatchNormStats:
+    return BatchNormStats({i: (m.detach().requires_grad_(m.requires_grad), v.detach().requires_grad_(v.requires_grad))
+                           for i, (m, v) in stats.per_layer.items()})
+
+
+def _sub_batch_loss(model: nn.Module, method: Method, config: TrainConfig, settings: StepSettings, images: Tensor,
+                    labels: Tensor, stats: BatchNormStats | None, clean_logits: Tensor) -> tuple[Tensor, dict]:
+    """w_rob L_rob (+ the warm-up regularizer) of one (sub-)batch, and its metrics."""
+    ops = lower_network(model, stats)
+    step = StepInputs(model=model, inputs=images, labels=labels, eps=settings.eps, eps_target=settings.eps_target,
+                      ops=ops, attack_ops=lower_network(model, stats.detached() if stats else None, detach=True),
+                      clean_logits=clean_logits, bn_stats=stats, num_classes=settings.num_classes)
+    robust = method.robust_loss(step)
+    metrics = {"robust_loss": robust.loss.item(), **robust.metrics}
+    loss = config.method.w_rob * robust.loss
+    regularization = config.regularization
+    if regularization.shi_weight > 0 and method.certified and settings.eps < settings.eps_target:
+        box = linf_box(images, max(settings.eps, 1e-6))
+        boxes = robust.ibp_boxes if (robust.ibp_boxes is not None and settings.eps >= 1e-6) else interval_bounds(ops[:-1], box)
+        penalty = shi_warmup_penalty(ops, box, boxes, regularization.shi_tolerance)
+        loss = loss + regularization.shi_weight * (1 - settings.eps / settings.eps_target) * penalty
+        metrics["shi_penalty"] = penalty.item()
+    return loss, metrics
+
+
+def compute_step_gradients(model: nn.Module, method: Method, config: TrainConfig, settings: StepSettings,
+                           images: Tensor, labels: Tensor) -> dict[str, float]:
+    """Fill .grad of the parameters with the gradient of the step's loss; return metrics."""
+    w_rob = config.method.w_rob
+    clean_logits, stats = clean_forward(model, images)
+    natural = F.cross_entropy(clean_logits, labels)
+    metrics: dict[str, float] = {"natural_loss": natural.item(),
+                                 "train_accuracy": (clean_logits.argmax(1) == labels).float().mean().item()}
+    head = (1 - w_rob) * natural if settings.eps > 0 else natural
+    if config.regularization.l1 > 0:
+        head = head + config.regularization.l1 * l1_penalty(model)
+    if settings.eps == 0:  # standard epochs / start of the ramp: no perturbation, no robust term
+        head.backward()
+        return metrics
+    chunks = config.optim.accumulation_steps
+    if chunks == 1:
+        loss, robust_metrics = _sub_batch_loss(model, method, config, settings, images, labels,
+                                               stats if stats.per_layer else None, clean_logits)
+        (head + loss).backward()
+        return {**metrics, **robust_metrics}
+    leaves = _leaf_statistics(stats)
+    sums: dict[str, float] = {}
+    for image_chunk, label_chunk in zip(images.chunk(chunks), labels.chunk(chunks)):
+        ops_stats = leaves if leaves.per_layer else None
+        chunk_logits = run_ops(lower_network(model, ops_stats), image_chunk)
+        loss, chunk_metrics = _sub_batch_loss(model, method, config, settings, image_chunk, label_chunk,
+                                              ops_stats, chunk_logits)
+        (loss * (len(label_chunk) / len(labels))).backward()
+        for key, value in chunk_metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * len(label_chunk) / len(labels)
+    tensors, gradients = [head], [torch.ones_like(head)]
+    for index, (mean, var) in stats.per_layer.items():
+        leaf_mean, leaf_var = leaves.per_layer[index]
+        for tensor, leaf in ((mean, leaf_mean), (var, leaf_var)):
+            if leaf.grad is not None:
+                tensors.append(tensor)
+                gradients.append(leaf.grad)
+    torch.autograd.backward(tensors, gradients)
+    return {**metrics, **sums}
+
+
+def training_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  settings: StepSettings, images: Tensor, labels: Tensor) -> dict[str, float]:
+    optimizer.zero_grad(set_to_none=True)
+    metrics = compute_step_gradients(model, method, config, settings, images, labels)
+    if config.optim.grad_clip > 0:
+        norm = nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        metrics["grad_norm"] = norm.item()
+    optimizer.step()
+    return metrics

@@ -1,0 +1,243 @@
+"""The one training loop for every method.
+
+A run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (written atomically
+after every epoch: weights, optimizer, SWA average, best-so-far), ``best.pt`` (the weights
+selected on the validation split), ``final.pt`` (the model the run hands on: the best epoch, or
+the SWA average), ``metrics.jsonl`` (one line per epoch) and ``results.json`` (test numbers).
+Every epoch seeds its own random streams from (seed, epoch), so a run resumed from its last
+checkpoint ends exactly where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..attacks import PGDSettings
+from ..config import ConfigError, TrainConfig, config_to_dict, dump_yaml
+from ..data import Dataset, iterate_batches, load_dataset, num_batches, split_validation
+from ..evaluation import EvaluationResult, evaluate
+from ..io import atomic_write_json
+from ..methods import METHODS, Method
+from ..models import build_model, initialize
+from .batchnorm import recompute_population_statistics
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .schedules import eps_at, lr_at
+from .step import StepSettings, training_step
+
+ProgressFactory = Callable[[Iterable, int, str], Iterable]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def make_method(config: TrainConfig) -> Method:
+    return METHODS.get(config.method.name)(config.method.options, config)
+
+
+def build_model_for(config: TrainConfig, dataset_spec) -> nn.Sequential:
+    return build_model(config.model.architecture, dataset_spec, config.model.batch_norm)
+
+
+def init_name(config: TrainConfig, method: Method) -> str:
+    if config.model.init != "auto":
+        return config.model.init
+    return "ibp" if method.certified else "kaiming"
+
+
+def selection_metric(config: TrainConfig, method: Method) -> str:
+    if config.evaluation.selection != "auto":
+        return config.evaluation.selection
+    if config.method.name == "standard":
+        return "natural"
+    return "certified" if method.certified else "adversarial"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 63)
+
+
+@dataclass
+class _Average:
+    """Running mean of the model's parameters and buffers (SWA)."""
+
+    state: dict[str, torch.Tensor] | None = None
+    count: int = 0
+
+    def update(self, model: nn.Module) -> None:
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.state is None:
+            self.state, self.count = current, 1
+            return
+        self.count += 1
+        for key, value in current.items():
+            if value.is_floating_point():
+                self.state[key] += (value - self.state[key]) / self.count
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: Path, progress: ProgressFactory | None = None,
+                 dataset: Dataset | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress or (lambda iterable, total, description: iterable)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.method = make_method(config)
+        data = config.data
+        self.dataset = dataset or load_dataset(data.dataset, data.data_dir, data.download)
+        train = self.dataset.train
+        if data.train_subset is not None:
+            train = train.head(data.train_subset + data.validation_size)
+        self.train_split, self.validation_split = split_validation(train, data.validation_size, config.seed)
+        self.augmentation = dataclasses.replace(self.dataset.augmentation, padding_mode=data.padding_mode)
+        torch.manual_seed(config.seed)
+        self.model = build_model_for(config, self.dataset.spec).to(self.device)
+        initialize(self.model, init_name(config, self.method))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr)
+        self.selection = selection_metric(config, self.method)
+
+    # -- run folder -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def _start(self, resume: bool) -> tuple[int, dict, _Average]:
+        """(first epoch to run, best-so-far record, SWA average) for a new or resumed run."""
+        best = {"epoch": None, "value": float("-inf")}
+        average = _Average()
+        if not resume:
+            if self.checkpoint_path.exists():
+                raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                                      "or choose another --out folder")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(self.config, self.run_dir / "config.yaml")
+            (self.run_dir / "metrics.jsonl").write_text("")
+            return 0, best, average
+        if not self.checkpoint_path.exists():
+            raise CheckpointError(f"cannot resume: no checkpoint.pt in {self.run_dir}")
+        state = load_checkpoint(self.checkpoint_path)
+        if state.get("config") != config_to_dict(self.config):
+            raise CheckpointError(f"cannot resume {self.run_dir}: its config differs from the one given; "
+                                  "resume with the run's own config (ctbench train --resume RUN_DIR)")
+        load_model_state(self.model, state["model"], str(self.checkpoint_path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        best = state["best"]
+        average = _Average(state["swa"]["state"], state["swa"]["count"])
+        self._truncate_metrics(state["epoch"])
+        return state["epoch"] + 1, best, average
+
+    def _truncate_metrics(self, last_epoch: int) -> None:
+        """Drop log lines of epochs after the checkpoint (a run killed between the two writes)."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        config = self.config
+        first_epoch, best, average = self._start(resume)
+        for epoch in range(first_epoch, config.optim.epochs):
+            record = self._train_epoch(epoch)
+            recompute_population_statistics(self.model, self.train_split, config.evaluation.batch_size, self.device,
+                                            config.evaluation.population_batches)
+            if config.swa.start_epoch is not None and epoch >= config.swa.start_epoch:
+                average.update(self.model)
+            validation = self._validate()
+            record["validation"] = validation.as_dict()
+            value = self._selection_value(validation)
+            eligible = epoch + 1 >= config.eps.ramp_end_epoch  # only models trained at the full eps
+            if eligible and (value >= best["value"] or self.selection == "last"):
+                best = {"epoch": epoch, "value": value}
+                save_checkpoint(self.run_dir / "best.pt", self._model_record(epoch))
+            record["selected"] = best["epoch"] == epoch
+            save_checkpoint(self.checkpoint_path, {
+                "format": 1, "epoch": epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "best": best,
+                "swa": {"state": average.state, "count": average.count}, "config": config_to_dict(config)})
+            with open(self.run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+        return self._finish(best, average)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        config = self.config
+        torch.manual_seed(_epoch_seed(config.seed, epoch))
+        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(config.optim, epoch)
+        batches = num_batches(len(self.train_split), config.optim.batch_size)
+        iterator = iterate_batches(self.train_split, config.optim.batch_size, self.device, shuffle=True,
+                                   generator=generator, augmentation=self.augmentation)
+        totals: dict[str, float] = {}
+        started = time.perf_counter()
+        self.model.train()
+        bar = self.progress(iterator, batches, f"epoch {epoch + 1}/{config.optim.epochs}")
+        for iteration, (images, labels) in enumerate(bar):
+            eps = eps_at(config.eps, epoch, iteration, batches)
+            settings = StepSettings(eps=eps, eps_target=config.eps.train_eps, num_classes=self.dataset.spec.classes)
+            metrics = training_step(self.model, self.method, self.optimizer, config, settings, images, labels)
+            for key, value in metrics.items():
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise FloatingPointError(f"{key} became {value} at epoch {epoch}, iteration {iteration} "
+                                             f"(eps {eps:.4g}); lower optim.lr or check the method's settings")
+                totals[key] = totals.get(key, 0.0) + value
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{metrics.get('robust_loss', metrics['natural_loss']):.3f}", eps=f"{eps:.3f}")
+        self.model.eval()
+        return {"epoch": epoch, "lr": lr_at(config.optim, epoch), "eps": eps,
+                "train": {k: v / batches for k, v in totals.items()},
+                "train_seconds": time.perf_counter() - started}
+
+    def _attack_settings(self) -> PGDSettings:
+        evaluation = self.config.evaluation
+        return PGDSettings(steps=evaluation.attack_steps, restarts=evaluation.attack_restarts)
+
+    def _validate(self) -> EvaluationResult:
+        attack = self._attack_settings() if self.selection == "adversarial" else None
+        return evaluate(self.model, self.validation_split, self.config.eps.test_eps, self.device,
+                        self.config.evaluation.batch_size, attack=attack)
+
+    def _selection_value(self, result: EvaluationResult) -> float:
+        if self.selection == "certified":
+            return result.certified_accuracy + 1e-6 * result.natural_accuracy  # natural accuracy breaks ties
+        if self.selection == "adversarial":
+            return result.adversarial_accuracy
+        return result.natural_accuracy
+
+    def _model_record(self, epoch: int) -> dict:
+        return {"format": 1, "epoch": epoch, "model": self.model.state_dict(),
+                "config": config_to_dict(self.config)}
+
+    def _finish(self, best: dict, average: _Average) -> dict:
+        config = self.config
+        if average.state is not None:
+            self.model.load_state_dict(average.state)
+            recompute_population_statistics(self.model, self.train_split, config.evaluation.batch_size, self.device,
+                                            config.evaluation.population_batches)
+            source = f"SWA over epochs {config.swa.start_epoch}-{config.optim.epochs - 1}"
+        elif best["epoch"] is not None:
+            load_model_state(self.model, load_checkpoint(self.run_dir / "best.pt")["model"], "best.pt")
+            source = f"epoch {best['epoch']} (best validation {self.selection})"
+        else:
+            source = "last epoch"
+        save_checkpoint(self.run_dir / "final.pt", {**self._model_record(best["epoch"]), "source": source})
+        test = evaluate(self.model, self.dataset.test, config.eps.test_eps, self.device, config.evaluation.batch_size,
+                        attack=self._attack_settings(), count=config.evaluation.final_test_count)
+        results = {"model": source, "test": test.as_dict(), "validation": self._validate().as_dict(),
+                   "method": config.method.name, "dataset": config.data.dataset}
+        atomic_write_json(self.run_dir / "results.json", results)
+        return results

@@ -77,14 +77,23 @@ def interval_bounds(ops: Sequence[Op], box: Box, options: IBPOptions = IBPOption
 
 def elided_margin_lower(last: LinearOp, box: Box, labels: Tensor) -> Tensor:
     """Lower bounds of z_y - z_i, with the margin spec multiplied into the last linear layer
-    (last-layer elision): one |W_y - W_i| product instead of bounding the logits separately.
-    Shape (B, K); entry y is 0."""
-    weight_diff = last.weight[labels].unsqueeze(1) - last.weight.unsqueeze(0)  # (B, K, n)
-    center = torch.einsum("bkn,bn->bk", weight_diff, box.center)
-    radius = torch.einsum("bkn,bn->bk", weight_diff.abs(), box.radius)
-    if last.bias is not None:
-        center = center + (last.bias[labels].unsqueeze(1) - last.bias.unsqueeze(0))
-    return center - radius
+    (last-layer elision): radius |W_y - W_i| r instead of bounding the logits separately.
+    Shape (B, K); entry y is 0.
+
+    With few classes the K x K pair differences W_j - W_i are formed once and applied to the
+    whole batch as one matrix product; with many classes (K > B) per-sample rows are cheaper."""
+    weight = last.weight
+    classes, batch = weight.shape[0], labels.shape[0]
+    logits_center = F.linear(box.center, weight, last.bias)
+    margin_center = logits_center.gather(1, labels.unsqueeze(1)) - logits_center
+    if classes <= batch:
+        pair_abs = (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().flatten(0, 1)  # row j*K+i: |W_j - W_i|
+        radius_all = F.linear(box.radius, pair_abs).view(batch, classes, classes)
+        margin_radius = radius_all[torch.arange(batch, device=labels.device), labels]
+    else:
+        weight_diff = weight[labels].unsqueeze(1) - weight.unsqueeze(0)  # (B, K, n)
+        margin_radius = torch.einsum("bkn,bn->bk", weight_diff.abs(), box.radius)
+    return margin_center - margin_radius
 
 
 def margin_lower_from_logits(logits_box: Box, labels: Tensor) -> Tensor:

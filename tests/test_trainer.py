@@ -1,0 +1,111 @@
+"""The training loop end to end on small MNIST subsets: resume, logs, errors, a real run."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from ctbench.cli import main
+from ctbench.config import apply_overrides, config_from_dict
+from ctbench.presets import preset_data
+from ctbench.training import CheckpointError, Trainer
+
+SMALL = ["data.train_subset=512", "data.validation_size=256", "optim.batch_size=128", "optim.epochs=3",
+         "eps.ramp_end_epoch=1", "optim.lr_milestones=[2]", "evaluation.final_test_count=200",
+         "evaluation.attack_steps=5", "evaluation.attack_restarts=1", "model.architecture=cnn3"]
+
+
+def small_config(preset="mnist-0.1/ibp", extra=()):
+    return config_from_dict(apply_overrides(preset_data(preset), SMALL + list(extra)))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_in_epoch(epoch_to_stop):
+    def progress(iterable, total, description):
+        for index, item in enumerate(iterable):
+            if description.startswith(f"epoch {epoch_to_stop + 1}/") and index == 2:
+                raise Interrupt
+            yield item
+    return progress
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, mnist):
+    config = small_config(extra=["attack.steps=2"])
+    straight = Trainer(config, tmp_path / "straight", dataset=mnist).fit()
+    with pytest.raises(Interrupt):
+        Trainer(config, tmp_path / "killed", progress=interrupt_in_epoch(1), dataset=mnist).fit()
+    log = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0]
+    resumed = Trainer(config, tmp_path / "killed", dataset=mnist).fit(resume=True)
+    assert resumed["test"] == straight["test"]
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert "validation" in lines[0] and "train" in lines[0]
+
+
+def test_run_folder_is_not_overwritten_and_resume_needs_the_same_config(tmp_path, mnist):
+    config = small_config(extra=["optim.epochs=1", "eps.ramp_end_epoch=0"])
+    Trainer(config, tmp_path / "run", dataset=mnist).fit()
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(config, tmp_path / "run", dataset=mnist).fit()
+    other = small_config(extra=["optim.epochs=1", "eps.ramp_end_epoch=0", "optim.lr=0.1"])
+    with pytest.raises(CheckpointError, match="config differs"):
+        Trainer(other, tmp_path / "run", dataset=mnist).fit(resume=True)
+
+
+def test_cli_evaluate_rejects_a_checkpoint_of_another_architecture(tmp_path, mnist, capsys):
+    config = small_config(extra=["optim.epochs=1", "eps.ramp_end_epoch=0"])
+    Trainer(config, tmp_path / "run", dataset=mnist).fit()
+    state = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    state["config"]["model"]["architecture"] = "cnn5"
+    torch.save(state, tmp_path / "mismatch.pt")
+    assert main(["evaluate", str(tmp_path / "mismatch.pt"), "--count", "10"]) == 2
+    message = capsys.readouterr().err
+    assert "another architecture" in message and "shape" in message
+
+
+def test_cli_errors_name_the_cause(tmp_path, capsys, monkeypatch):
+    assert main(["train", "demo/ibp", "--set", "optim.learning_rate=1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown config key optim.learning_rate" in capsys.readouterr().err
+    assert main(["train", "demo/ibp", "--set", "optim.epochs=two", "--out", str(tmp_path / "x")]) == 2
+    assert "optim.epochs: expected an integer" in capsys.readouterr().err
+    assert main(["train", "nosuch/ibp"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_data_files_are_named(tmp_path, monkeypatch, capsys):
+    from ctbench.data import mnist as mnist_module
+
+    folder = tmp_path / "mnist"
+    shutil.copytree(mnist_module.BUNDLED, folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not the labels")
+    monkeypatch.setattr(mnist_module, "BUNDLED", tmp_path / "nothing")
+    assert main(["evaluate", "nowhere"]) == 2  # not a run
+    capsys.readouterr()
+    from ctbench.data import DataError, load_dataset
+
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is corrupt"):
+        load_dataset("mnist", tmp_path, download=False)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte.gz.*CTBENCH_DATA"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
+    """A real run: IBP on 5,000 MNIST images for 4 epochs, then certification of 500 test
+    images must beat chance by far, and certified <= adversarial <= natural."""
+    config = small_config(extra=["data.train_subset=5000", "optim.epochs=4", "eps.ramp_end_epoch=2", "optim.batch_size=64",
+                                  "eps.train_eps=0.1",
+                                  "optim.lr_milestones=[3]", "evaluation.final_test_count=500"])
+    results = Trainer(config, tmp_path / "run", dataset=mnist).fit()
+    test = results["test"]
+    assert test["samples"] == 500
+    assert test["certified_accuracy"] <= test["adversarial_accuracy"] <= test["natural_accuracy"]
+    assert test["natural_accuracy"] > 0.7 and test["certified_accuracy"] > 0.45
+    assert main(["evaluate", str(tmp_path / "run"), "--count", "500", "--json"]) == 0

@@ -1,0 +1,154 @@
+"""Trainer building blocks: BatchNorm policy, schedules, regularizers, methods, accumulation."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctbench.config import config_from_dict
+from ctbench.models import InputSpec, build_model, initialize
+from ctbench.models.ops import clean_forward, lower_network, run_ops
+from ctbench.training import StepSettings, compute_step_gradients, make_method
+from ctbench.training.batchnorm import recompute_population_statistics
+from ctbench.training.schedules import eps_at, lr_at, smooth_ramp
+from ctbench.data import Split
+
+SPEC = InputSpec(1, 12, 4, (0.1,), (0.9,))
+
+
+def tiny_model(seed=0, dtype=torch.float64, init="ibp"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*build_model("cnn3", SPEC, True)).to(dtype)
+    initialize(model, init)
+    return model
+
+
+def tiny_config(method_name="ibp", **overrides):
+    data = {"method": {"name": method_name, **overrides.pop("method", {})},
+            "attack": {"steps": 3, "restarts": 2, "random_start": False}}
+    data.update(overrides)
+    return config_from_dict(data)
+
+
+def batch(seed=0, size=8, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((size, 1, 12, 12), generator=generator, dtype=dtype), torch.randint(0, 4, (size,), generator=generator)
+
+
+def test_clean_forward_matches_torch_training_mode_and_returns_batch_statistics():
+    model = tiny_model()
+    x, _ = batch()
+    logits, stats = clean_forward(model, x)
+    reference = model.train()(x)
+    model.eval()
+    assert torch.allclose(logits, reference)
+    ops = lower_network(model, stats)
+    assert torch.allclose(run_ops(ops, x), reference)  # lowering with the same stats reproduces the pass
+
+
+def test_population_statistics_of_one_batch_are_its_batch_statistics():
+    model = tiny_model()
+    x, y = batch(size=16)
+    recompute_population_statistics(model, Split((x * 255).round().to(torch.uint8), y), 16, "cpu")
+    images = (x * 255).round() / 255
+    _, stats = clean_forward(model, images.to(torch.float64))
+    for index, (mean, var) in stats.per_layer.items():
+        assert torch.allclose(model[index].running_mean.double(), mean, atol=1e-5)
+        assert torch.allclose(model[index].running_var.double(), var, atol=1e-5)
+    assert torch.allclose(model.eval()(images), run_ops(lower_network(model), images))
+
+
+def test_population_variance_is_the_total_variance_over_batches():
+    model = tiny_model()
+    images = torch.randint(0, 256, (32, 1, 12, 12), dtype=torch.uint8)
+    recompute_population_statistics(model, Split(images, torch.zeros(32, dtype=torch.long)), 8, "cpu")
+    x = images.double() / 255
+    first_bn = next(i for i, m in enumerate(model) if isinstance(m, torch.nn.BatchNorm2d))
+    pre = model[:first_bn](x)  # layers before the first BatchNorm do not depend on statistics
+    assert torch.allclose(model[first_bn].running_mean.double(), pre.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(model[first_bn].running_var.double(), pre.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+
+
+def test_smooth_ramp_is_continuous_monotone_and_hits_its_ends():
+    points = [smooth_ramp(t / 1000) for t in range(1001)]
+    assert points[0] == 0 and abs(points[-1] - 1) < 1e-12
+    assert all(b >= a for a, b in zip(points, points[1:]))
+    slopes = [(b - a) * 1000 for a, b in zip(points, points[1:])]
+    assert max(abs(b - a) for a, b in zip(slopes, slopes[1:])) < 0.05  # no kink where power meets line
+    assert abs(smooth_ramp(0.125) - smooth_ramp(0.25) / 16) < 1e-12  # t^4 on the first quarter
+
+
+def test_eps_schedule_phases():
+    config = tiny_config(eps={"train_eps": 0.3, "test_eps": 0.3, "standard_epochs": 1, "ramp_start_epoch": 1,
+                              "ramp_end_epoch": 3})
+    assert eps_at(config.eps, 0, 5, 10) == 0.0
+    assert eps_at(config.eps, 1, 0, 10) == 0.0
+    assert 0 < eps_at(config.eps, 2, 0, 10) < 0.3
+    assert eps_at(config.eps, 3, 0, 10) == pytest.approx(0.3)
+    assert lr_at(config.optim, 49) == 5e-4 and lr_at(config.optim, 50) == pytest.approx(1e-4)
+    assert lr_at(config.optim, 65) == pytest.approx(2e-5)
+
+
+def _robust_and_natural(method_name, eps, **overrides):
+    model = tiny_model()
+    config = tiny_config(method_name, **overrides)
+    method = make_method(config)
+    x, y = batch()
+    from ctbench.methods import StepInputs
+
+    logits, stats = clean_forward(model, x)
+    step = StepInputs(model, x, y, eps, 0.2, lower_network(model, stats),
+                      lower_network(model, stats.detached(), detach=True), logits, stats, 4)
+    return method.robust_loss(step).loss, F.cross_entropy(logits, y), model
+
+
+@pytest.mark.parametrize("method", ["standard", "ibp", "pgd"])
+def test_robust_loss_at_zero_eps_is_the_natural_loss(method):
+    robust, natural, _ = _robust_and_natural(method, 0.0)
+    assert torch.allclose(robust, natural, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ibp", "pgd"])
+def test_robust_loss_grows_with_eps_and_has_finite_gradients(method):
+    values = []
+    for eps in (0.0, 0.05, 0.2):
+        robust, natural, model = _robust_and_natural(method, eps)
+        robust.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        values.append(robust.item())
+    assert values[0] <= values[1] + 1e-9 <= values[2] + 2e-9
+
+
+def test_ibp_loss_upper_bounds_pgd_loss():
+    pgd, _, _ = _robust_and_natural("pgd", 0.1)
+    ibp, _, _ = _robust_and_natural("ibp", 0.1)
+    assert ibp.item() >= pgd.item()
+
+
+def _gradients(method_name, chunks, eps, w_rob):
+    model = tiny_model(seed=1)
+    config = tiny_config(method_name, optim={"batch_size": 8, "accumulation_steps": chunks},
+                         method={"w_rob": w_rob}, regularization={"l1": 1e-4})
+    x, y = batch(seed=2)
+    compute_step_gradients(model, make_method(config), config, StepSettings(eps, 0.2, 4), x, y)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method,w_rob", [("standard", 1.0), ("ibp", 1.0), ("ibp", 0.6), ("pgd", 0.7)])
+def test_accumulated_gradient_equals_full_batch(method, w_rob):
+    full = _gradients(method, 1, 0.2, w_rob)
+    accumulated = _gradients(method, 4, 0.2, w_rob)
+    for a, b in zip(full, accumulated):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    # the statistics matter: sub-batch statistics would give another gradient
+    assert any(g.abs().max() > 1e-8 for g in full)
+
+
+def test_sub_batch_statistics_would_differ():
+    """The accumulation test can fail: normalizing each sub-batch by its own statistics
+    changes the gradient, so equality above comes from reusing the full-batch statistics."""
+    model = tiny_model(seed=1)
+    x, y = batch(seed=2)
+    full_logits, _ = clean_forward(model, x)
+    split_logits = torch.cat([clean_forward(model, part)[0] for part in x.chunk(4)])
+    assert not torch.allclose(full_logits, split_logits, atol=1e-6)

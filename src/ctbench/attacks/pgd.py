@@ -17,7 +17,8 @@ from torch import Tensor
 from ..bounds.box import Box
 
 LogitsFn = Callable[[Tensor], Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits, labels) -> per-sample loss to maximize
+# (logits, labels) -> per-sample loss to maximize; labels may carry extra columns (e.g. targets)
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,14 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     restarts = settings.restarts
     lower = box.lower.detach().repeat(restarts, *([1] * (box.lower.dim() - 1)))
     upper = box.upper.detach().repeat(restarts, *([1] * (box.upper.dim() - 1)))
-    targets = labels.repeat(restarts)
+    targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
     width = upper - lower
     if settings.random_start:
         point = lower + torch.rand(lower.shape, generator=generator, dtype=lower.dtype, device=lower.device) * width
     else:
         point = lower + width / 2
     best_point = point.clone()
-    best_loss = torch.full(targets.shape, float("-inf"), dtype=lower.dtype, device=lower.device)
+    best_loss = torch.full((targets.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
     for step_size in _step_sizes(settings) + [None]:
         point.requires_grad_(True)
         with torch.enable_grad():

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..bounds import ibp_margin_lower, is_certified, worst_case_logits
+from ..bounds import Box, IBPOptions, ibp_margin_lower, is_certified, worst_case_logits
 from .base import METHODS, Method, RobustLoss, StepInputs
 
 
-def ibp_loss(step: StepInputs, box) -> RobustLoss:
-    margin_lower, boxes = ibp_margin_lower(step.ops, box, step.labels)
+def ibp_loss(step: StepInputs, box: Box, options: IBPOptions = IBPOptions()) -> RobustLoss:
+    """CE of the worst-case logits of ``box``; the boxes are kept for the warm-up regularizer."""
+    margin_lower, boxes = ibp_margin_lower(step.ops, box, step.labels, options)
     loss = F.cross_entropy(worst_case_logits(margin_lower), step.labels)
     certified = is_certified(margin_lower.detach(), step.labels).float().mean().item()
     return RobustLoss(loss, {"ibp_certified": certified}, boxes)

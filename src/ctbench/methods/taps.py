@@ -1,0 +1,109 @@
+"""TAPS (Mao et al. 2023): IBP through a feature extractor, PGD through the classifier head.
+
+The network is split so that the head holds its last ``classifier_size`` ReLU layers. IBP
+bounds the latent features of the eps box; inside that latent box, each margin z_i - z_y
+(i != y) gets its own PGD attack on the head (K-1 points per sample, batched). The head's
+outputs at those points form the worst-case logits of the TAPS cross-entropy. Gradients reach
+the latent box bounds through a rectified linear link: for the upper bound, weight 0 where
+the point lies below ub - c (ub - lb) rising linearly to 1 at ub (c = 0.5), symmetrically for
+the lower bound; that gradient is multiplied by ``gradient_scale``. L_rob = TAPS-CE x IBP-CE.
+During the eps warm-up TAPS falls back to plain IBP.
+
+Options: classifier_size (ReLU layers in the head, default 1), gradient_scale (default 4).
+Usage: ``ctbench train mnist-0.1/taps``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attacks import pgd_attack
+from ..bounds import Box, ibp_margin_lower, interval_bounds, worst_case_logits
+from ..models.ops import Op, ReluOp, run_ops
+from .base import METHODS, Method, RobustLoss, StepInputs
+from .ibp import ibp_loss
+
+LINK_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class TapsOptions:
+    classifier_size: int = 1
+    gradient_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.classifier_size < 1:
+            raise ValueError(f"method.classifier_size must be >= 1, got {self.classifier_size}")
+        if self.gradient_scale <= 0:
+            raise ValueError(f"method.gradient_scale must be > 0, got {self.gradient_scale}")
+
+
+def split_index(ops: Sequence[Op], classifier_size: int) -> int:
+    """Index of the first op of the head, the part after the ReLU that precedes the last
+    ``classifier_size`` ReLU layers."""
+    relus = [index for index, op in enumerate(ops) if isinstance(op, ReluOp)]
+    if classifier_size >= len(relus):
+        raise ValueError(f"method.classifier_size={classifier_size} leaves no feature extractor: the network has "
+                         f"{len(relus)} ReLU layers")
+    return relus[-classifier_size - 1] + 1
+
+
+def scale_gradient(tensor: Tensor, scale: float) -> Tensor:
+    """Identity forward; the gradient is multiplied by ``scale``."""
+    return tensor.detach() + scale * (tensor - tensor.detach())
+
+
+def linked_point(point: Tensor, latent: Box, gradient_scale: float) -> Tensor:
+    """The attack point (value unchanged) with the rectified linear gradient link to the box bounds."""
+    lower, upper = latent.lower.unsqueeze(1), latent.upper.unsqueeze(1)
+    band = (LINK_FRACTION * (upper - lower)).detach().clamp(min=1e-12)
+    point = point.detach()
+    upper_weight = ((point - (upper.detach() - band)) / band).clamp(0, 1)
+    lower_weight = (((lower.detach() + band) - point) / band).clamp(0, 1)
+    link = upper_weight * (upper - upper.detach()) + lower_weight * (lower - lower.detach())
+    return point + scale_gradient(link, gradient_scale)
+
+
+def _target_margin(logits: Tensor, label_and_target: Tensor) -> Tensor:
+    """z_t - z_y for the (label, target) pair of each row."""
+    labels, targets = label_and_target[:, 0], label_and_target[:, 1]
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.gather(1, labels[:, None]).squeeze(1)
+
+
+def taps_loss(method: Method, step: StepInputs, box: Box, options: TapsOptions) -> RobustLoss:
+    split = split_index(step.ops, options.classifier_size)
+    extractor, head, attack_head = step.ops[:split], step.ops[split:], step.attack_ops[split:]
+    latent = interval_bounds(extractor, box)[-1]
+    labels, classes = step.labels, step.num_classes
+    batch = labels.shape[0]
+    others = torch.arange(classes, device=labels.device).expand(batch, classes)
+    targets = others[others != labels[:, None]].view(batch, classes - 1)
+    pairs = torch.stack([labels[:, None].expand_as(targets), targets], dim=2).flatten(0, 1)
+    expanded = Box(latent.lower.detach().repeat_interleave(classes - 1, 0),
+                   latent.upper.detach().repeat_interleave(classes - 1, 0))
+    points = pgd_attack(lambda z: run_ops(attack_head, z), expanded, pairs, method.attack_settings(),
+                        loss_fn=_target_margin)
+    points = points.view(batch, classes - 1, *points.shape[1:])
+    head_logits = run_ops(head, linked_point(points, latent, options.gradient_scale).flatten(0, 1))
+    margins = -_target_margin(head_logits, pairs).view(batch, classes - 1)  # z_y - z_t
+    margin_lower = torch.zeros(batch, classes, dtype=margins.dtype, device=margins.device)
+    margin_lower = margin_lower.scatter(1, targets, margins)
+    taps = F.cross_entropy(worst_case_logits(margin_lower), labels)
+    ibp_margins, _ = ibp_margin_lower(head, latent, labels)
+    ibp = F.cross_entropy(worst_case_logits(ibp_margins), labels)
+    estimated_robust = (margins > 0).all(dim=1).float().mean().item()
+    return RobustLoss(taps * ibp, {"taps_loss": taps.item(), "ibp_loss": ibp.item(), "taps_robust": estimated_robust})
+
+
+@METHODS.register("taps")
+class TAPS(Method):
+    Options = TapsOptions
+
+    def robust_loss(self, step: StepInputs) -> RobustLoss:
+        if step.eps < step.eps_target:
+            return ibp_loss(step, step.box())
+        return taps_loss(self, step, step.box(), self.options)

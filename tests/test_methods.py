@@ -139,3 +139,40 @@ def test_staps_with_lambda_one_is_taps():
     staps, _, _ = loss_of("staps", 0.2, eps_target=0.2, eps_shrink=1.0, seed=5)
     taps, _, _ = loss_of("taps", 0.2, eps_target=0.2, seed=5)
     assert torch.allclose(staps.loss, taps.loss)
+
+
+def test_fused_crown_ibp_bounds_the_worst_case_cross_entropy():
+    from ctbench.bounds import sample_in_box
+    from ctbench.bounds.crown import intermediate_bounds
+    from ctbench.methods.crown_ibp import fused_cross_entropy_bound
+    from ctbench.models.ops import run_ops
+
+    model, x, y = model_and_batch(seed=7)
+    step = step_inputs(model, x, y, 0.05, 0.05)
+    box = step.box()
+    bound = fused_cross_entropy_bound(step, box, intermediate_bounds(step.ops, box, "crown-ibp"))
+    points = sample_in_box(box, 300, torch.Generator().manual_seed(0))
+    logits = run_ops(step.ops, points.flatten(0, 1)).detach()
+    sampled = F.cross_entropy(logits, y.repeat(300), reduction="none").view(300, -1).max(dim=0).values
+    assert (bound >= sampled - 1e-9).all()
+    unfused = method("crown_ibp", loss_fusion=False).robust_loss(step).loss
+    assert bound.mean() > F.cross_entropy(step.clean_logits, y)
+    assert torch.isfinite(unfused)
+
+
+def test_fused_crown_ibp_is_finite_where_unshifted_exponentials_overflow():
+    model, x, y = model_and_batch(seed=8)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.weight.mul_(30)
+    model.float()
+    step = step_inputs(model, x.float(), y, 1.0, 1.0)
+    from ctbench.bounds import ibp_margin_lower
+
+    margin_lower, _ = ibp_margin_lower(step.ops, step.box(), y)
+    assert torch.isinf(torch.exp(-margin_lower)).any()  # what an unshifted exp(-lb) would give
+    loss = method("crown_ibp").robust_loss(step).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

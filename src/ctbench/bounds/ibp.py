@@ -75,10 +75,10 @@ def interval_bounds(ops: Sequence[Op], box: Box, options: IBPOptions = IBPOption
     return boxes
 
 
-def elided_margin_lower(last: LinearOp, box: Box, labels: Tensor) -> Tensor:
-    """Lower bounds of z_y - z_i, with the margin spec multiplied into the last linear layer
-    (last-layer elision): radius |W_y - W_i| r instead of bounding the logits separately.
-    Shape (B, K); entry y is 0.
+def elided_margin_box(last: LinearOp, box: Box, labels: Tensor) -> Box:
+    """Bounds of the margins z_y - z_i with the margin spec multiplied into the last linear
+    layer (last-layer elision): radius |W_y - W_i| r instead of bounding the logits
+    separately. Shape (B, K); entry y is exactly 0.
 
     With few classes the K x K pair differences W_j - W_i are formed once and applied to the
     whole batch as one matrix product; with many classes (K > B) per-sample rows are cheaper."""
@@ -93,7 +93,12 @@ def elided_margin_lower(last: LinearOp, box: Box, labels: Tensor) -> Tensor:
     else:
         weight_diff = weight[labels].unsqueeze(1) - weight.unsqueeze(0)  # (B, K, n)
         margin_radius = torch.einsum("bkn,bn->bk", weight_diff.abs(), box.radius)
-    return margin_center - margin_radius
+    return Box.from_center_radius(margin_center, margin_radius)
+
+
+def elided_margin_lower(last: LinearOp, box: Box, labels: Tensor) -> Tensor:
+    """Lower bounds of z_y - z_i by last-layer elision (``elided_margin_box``), shape (B, K)."""
+    return elided_margin_box(last, box, labels).lower
 
 
 def margin_lower_from_logits(logits_box: Box, labels: Tensor) -> Tensor:

@@ -20,6 +20,13 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _summary(result: dict) -> str:
+    text = f"natural {_percent(result['natural_accuracy'])}  IBP-certified {_percent(result['certified_accuracy'])}  "
+    if result.get("crown_ibp_certified_accuracy") is not None:
+        text += f"IBP/CROWN-IBP-certified {_percent(result['crown_ibp_certified_accuracy'])}  "
+    return text + f"PGD {_percent(result['adversarial_accuracy'])}"
+
+
 def _default_out(source: str) -> Path:
     path = Path(source)
     if path.is_dir():
@@ -39,8 +46,7 @@ def cmd_train(args) -> int:
         print(json.dumps(results))
     else:
         print(f"run folder: {out}   model: {results['model']}")
-        print(f"test set ({test['samples']} samples, eps {test['eps']:g}): natural {_percent(test['natural_accuracy'])}  "
-              f"IBP-certified {_percent(test['certified_accuracy'])}  PGD {_percent(test['adversarial_accuracy'])}")
+        print(f"test set ({test['samples']} samples, eps {test['eps']:g}): " + _summary(test))
     return 0
 
 
@@ -77,12 +83,12 @@ def cmd_evaluate(args) -> int:
     eps = config.eps.test_eps if args.eps is None else args.eps
     test = dataset.test.subset(torch.arange(args.start, min(args.start + (args.count or len(dataset.test)), len(dataset.test))))
     attack = PGDSettings(steps=args.steps, restarts=args.restarts) if args.steps > 0 else None
-    result = evaluate(model.to(device), test, eps, device, config.evaluation.batch_size, attack=attack)
+    result = evaluate(model.to(device), test, eps, device, config.evaluation.batch_size, attack=attack,
+                      crown_ibp=args.crown_ibp)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
-        print(f"{result.samples} test samples at eps {eps:g}: natural {_percent(result.natural_accuracy)}  "
-              f"IBP-certified {_percent(result.certified_accuracy)}  PGD {_percent(result.adversarial_accuracy)}")
+        print(f"{result.samples} test samples at eps {eps:g}: " + _summary(result.as_dict()))
     return 0
 
 
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--count", type=int, help="number of test samples (default: all)")
     evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (0: no attack)")
     evaluate.add_argument("--restarts", type=int, default=3, help="PGD restarts")
+    evaluate.add_argument("--crown-ibp", action="store_true", help="also certify with CROWN-IBP (tighter of the two)")
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
     evaluate.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")

@@ -209,11 +209,11 @@ class Trainer:
     def _validate(self) -> EvaluationResult:
         attack = self._attack_settings() if self.selection == "adversarial" else None
         return evaluate(self.model, self.validation_split, self.config.eps.test_eps, self.device,
-                        self.config.evaluation.batch_size, attack=attack)
+                        self.config.evaluation.batch_size, attack=attack, crown_ibp=self.selection == "certified")
 
     def _selection_value(self, result: EvaluationResult) -> float:
-        if self.selection == "certified":
-            return result.certified_accuracy + 1e-6 * result.natural_accuracy  # natural accuracy breaks ties
+        if self.selection == "certified":  # certified by IBP or CROWN-IBP; natural accuracy breaks ties
+            return result.crown_ibp_certified_accuracy + 1e-6 * result.natural_accuracy
         if self.selection == "adversarial":
             return result.adversarial_accuracy
         return result.natural_accuracy
@@ -236,7 +236,8 @@ class Trainer:
             source = "last epoch"
         save_checkpoint(self.run_dir / "final.pt", {**self._model_record(best["epoch"]), "source": source})
         test = evaluate(self.model, self.dataset.test, config.eps.test_eps, self.device, config.evaluation.batch_size,
-                        attack=self._attack_settings(), count=config.evaluation.final_test_count)
+                        attack=self._attack_settings(), count=config.evaluation.final_test_count,
+                        crown_ibp=self.method.certified)
         results = {"model": source, "test": test.as_dict(), "validation": self._validate().as_dict(),
                    "method": config.method.name, "dataset": config.data.dataset}
         atomic_write_json(self.run_dir / "results.json", results)

@@ -53,7 +53,10 @@ def measure(row: str, preset_setting: str, architecture: str, batch: int, steps:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
-    else:
+    else:  # ctbench's step, with the trainer's memory format
+        if config.memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         method = make_method(config)
         settings = StepSettings(eps=eps, eps_target=config.eps.train_eps, num_classes=dataset.spec.classes)
 

@@ -84,3 +84,18 @@ def test_certified_means_strictly_positive_margins():
     margins = torch.tensor([[0.0, 1e-3, 2.0], [0.5, 0.0, -1e-7], [0.0, 0.0, 3.0]])
     labels = torch.tensor([0, 1, 1])
     assert is_certified(margins, labels).tolist() == [True, False, False]
+
+
+def test_folding_batchnorm_changes_neither_outputs_nor_bounds():
+    from ctbench.models.ops import ChannelAffineOp, fold_affine
+
+    model = random_network(21)
+    x = random_inputs(22)
+    ops = lower_network(model)
+    folded = fold_affine(ops)
+    assert len(folded) < len(ops)
+    assert sum(isinstance(op, ChannelAffineOp) for op in folded) == 1  # only the input normalization
+    assert torch.allclose(run_ops(folded, x), run_ops(ops, x))
+    box = linf_box(x, 0.1)
+    assert torch.allclose(interval_bounds(folded, box)[-1].lower, interval_bounds(ops, box)[-1].lower)
+    assert torch.allclose(interval_bounds(folded, box)[-1].upper, interval_bounds(ops, box)[-1].upper)

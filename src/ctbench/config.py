@@ -80,6 +80,7 @@ class AttackConfig:
     decay_at: tuple[float, ...] = (0.5, 0.75)
     random_start: bool = True
     eps_factor: float = 1.0  # attack box radius = eps_factor x eps (MTL-IBP on CIFAR-10 2/255: 2)
+    precision: str = "float32"  # float32, or bfloat16 / float16 autocast for the attack passes only
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    memory_format: str = "channels_last"  # layout of conv activations in training: channels_last or contiguous
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -241,6 +243,10 @@ def validate(config: TrainConfig) -> None:
     if config.evaluation.selection not in ("auto", "certified", "adversarial", "natural", "last"):
         raise ConfigError(f"evaluation.selection: unknown {config.evaluation.selection!r}; "
                           "use auto, certified, adversarial, natural or last")
+    if config.memory_format not in ("channels_last", "contiguous"):
+        raise ConfigError(f"memory_format: use channels_last or contiguous, got {config.memory_format!r}")
+    if config.attack.precision not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"attack.precision: use float32, bfloat16 or float16, got {config.attack.precision!r}")
     if config.data.padding_mode not in ("zeros", "replicate"):
         raise ConfigError(f"data.padding_mode: use zeros or replicate, got {config.data.padding_mode!r}")
 

@@ -41,7 +41,7 @@ def evaluate(model: nn.Module, split: Split, eps: float, device, batch_size: int
              attack: PGDSettings | None = PGDSettings(steps=20, restarts=3), count: int | None = None,
              crown_ibp: bool = False) -> EvaluationResult:
     split = split.head(count)
-    ops = lower_network(model, detach=True)
+    ops = lower_network(model, detach=True, fold=True)
     num_classes = model[-1].out_features
     correct = certified = robust = tighter = 0
     for images, labels in iterate_batches(split, batch_size, device):

@@ -7,6 +7,7 @@ and the highest-loss point per sample is kept.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from ..bounds.box import Box
 
 LogitsFn = Callable[[Tensor], Tensor]
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (logits, labels) -> per-sample loss to maximize; labels may carry extra columns (e.g. targets)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -25,7 +27,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 class PGDSettings:
     """steps: gradient steps per restart; restarts: independent random starts; step_size:
     sign-step length as a fraction of the box width, multiplied by step_decay at each fraction
-    of the run listed in decay_at; random_start: uniform start in the box, else its center."""
+    of the run listed in decay_at; random_start: uniform start in the box, else its center;
+    precision: "float32", or "bfloat16"/"float16" to run the network under autocast (the
+    attack only proposes points, so reduced precision cannot make a bound unsound)."""
 
     steps: int = 10
     restarts: int = 3
@@ -33,8 +37,11 @@ class PGDSettings:
     step_decay: float = 0.5
     decay_at: tuple[float, ...] = (0.5, 0.75)
     random_start: bool = True
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"attack precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.steps < 0 or self.restarts < 1:
             raise ValueError(f"PGD needs steps >= 0 and restarts >= 1, got {self.steps}, {self.restarts}")
         if self.step_size <= 0:
@@ -73,13 +80,15 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     else:
         point = lower + width / 2
     best_point = point.clone()
+    dtype = PRECISIONS[settings.precision]
+    autocast = torch.autocast(point.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     best_loss = torch.full((targets.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
     for step_size in _step_sizes(settings) + [None]:
         point.requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(logits_fn(point), targets)
+        with torch.enable_grad(), autocast:
+            loss = loss_fn(logits_fn(point).float(), targets)
             gradient = torch.autograd.grad(loss.sum(), point)[0] if step_size is not None else None
-        loss = loss.detach()
+        loss = loss.detach().to(best_loss.dtype)
         improved = loss > best_loss
         best_loss = torch.where(improved, loss, best_loss)
         best_point = torch.where(improved.view(-1, *([1] * (point.dim() - 1))), point.detach(), best_point)

@@ -87,7 +87,7 @@ class Method:
         attack = self.config.attack
         return PGDSettings(steps=attack.steps, restarts=attack.restarts, step_size=attack.step_size,
                            step_decay=attack.step_decay, decay_at=attack.decay_at,
-                           random_start=attack.random_start)
+                           random_start=attack.random_start, precision=attack.precision)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

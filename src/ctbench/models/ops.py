@@ -13,6 +13,7 @@ Adding a layer type is one ``LOWERINGS`` entry here plus one rule per bound doma
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -143,10 +144,12 @@ def _layers(model: nn.Module) -> Sequence[nn.Module]:
     return list(model)
 
 
-def lower_network(model: nn.Module, bn_stats: BatchNormStats | None = None, detach: bool = False) -> tuple[Op, ...]:
+def lower_network(model: nn.Module, bn_stats: BatchNormStats | None = None, detach: bool = False,
+                  fold: bool = False) -> tuple[Op, ...]:
     """Lower ``model`` to ops. BatchNorm uses ``bn_stats`` when given, else the model's
     running (population) statistics. ``detach`` cuts parameters out of the autograd graph, for
-    passes (attacks) that need gradients only with respect to the input."""
+    passes (attacks) that need gradients only with respect to the input. ``fold`` merges each
+    BatchNorm into the Linear/Conv before it (``fold_affine``)."""
     ops: list[Op] = []
     for index, layer in enumerate(_layers(model)):
         lowering = LOWERINGS.get(type(layer))
@@ -159,7 +162,27 @@ def lower_network(model: nn.Module, bn_stats: BatchNormStats | None = None, deta
         op = lowering(layer, stats, detach)
         if op is not None:
             ops.append(op)
-    return tuple(ops)
+    return fold_affine(ops) if fold else tuple(ops)
+
+
+def _fold(op: Op, affine: ChannelAffineOp) -> Op:
+    """affine(op(x)) as one op: W' = s W (per output channel), b' = s b + t."""
+    scale = affine.scale.view(-1, *([1] * (op.weight.dim() - 1)))
+    bias = affine.shift if op.bias is None else op.bias * affine.scale + affine.shift
+    return dataclasses.replace(op, weight=op.weight * scale, bias=bias)
+
+
+def fold_affine(ops: Sequence[Op]) -> tuple[Op, ...]:
+    """Fold every per-channel affine op (BatchNorm with fixed statistics) that follows a Linear
+    or Conv into its weights: the same function with fewer passes over the activations.
+    Differentiable: gradients reach the weights, the BatchNorm parameters and statistics."""
+    folded: list[Op] = []
+    for op in ops:
+        if isinstance(op, ChannelAffineOp) and folded and isinstance(folded[-1], (LinearOp, ConvOp)):
+            folded[-1] = _fold(folded[-1], op)
+        else:
+            folded.append(op)
+    return tuple(folded)
 
 
 def run_ops(ops: Sequence[Op], x: Tensor) -> Tensor:

@@ -36,9 +36,10 @@ def _leaf_statistics(stats: BatchNormStats) -> BatchNormStats:
 def _sub_batch_loss(model: nn.Module, method: Method, config: TrainConfig, settings: StepSettings, images: Tensor,
                     labels: Tensor, stats: BatchNormStats | None, clean_logits: Tensor) -> tuple[Tensor, dict]:
     """w_rob L_rob (+ the warm-up regularizer) of one (sub-)batch, and its metrics."""
-    ops = lower_network(model, stats)
+    ops = lower_network(model, stats, fold=True)
+    attack_ops = lower_network(model, stats.detached() if stats else None, detach=True, fold=True)
     step = StepInputs(model=model, inputs=images, labels=labels, eps=settings.eps, eps_target=settings.eps_target,
-                      ops=ops, attack_ops=lower_network(model, stats.detached() if stats else None, detach=True),
+                      ops=ops, attack_ops=attack_ops,
                       clean_logits=clean_logits, bn_stats=stats, num_classes=settings.num_classes)
     robust = method.robust_loss(step)
     metrics = {"robust_loss": robust.loss.item(), **robust.metrics}

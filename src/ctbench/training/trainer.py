@@ -107,6 +107,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model_for(config, self.dataset.spec).to(self.device)
         initialize(self.model, init_name(config, self.method))
+        self.memory_format = torch.channels_last if config.memory_format == "channels_last" else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr)
         self.selection = selection_metric(config, self.method)
 
@@ -189,6 +191,7 @@ class Trainer:
         for iteration, (images, labels) in enumerate(bar):
             eps = eps_at(config.eps, epoch, iteration, batches)
             settings = StepSettings(eps=eps, eps_target=config.eps.train_eps, num_classes=self.dataset.spec.classes)
+            images = images.contiguous(memory_format=self.memory_format)
             metrics = training_step(self.model, self.method, self.optimizer, config, settings, images, labels)
             for key, value in metrics.items():
                 if value != value or value in (float("inf"), float("-inf")):

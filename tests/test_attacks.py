@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from ctbench.attacks import PGDSettings, cross_entropy_loss, margin_loss, pgd_attack
+from ctbench.bounds import linf_box
+
+
+def linear_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_pgd_stays_in_the_box_and_finds_the_worst_corner_of_a_linear_model(precision):
+    model = linear_model()
+    x = torch.rand(5, 1, 3, 4) * 0.6 + 0.2
+    y = torch.randint(0, 3, (5,))
+    box = linf_box(x, 0.1)
+    point = pgd_attack(model, box, y, PGDSettings(steps=20, restarts=2, precision=precision), loss_fn=margin_loss)
+    assert box.contains(point).all()
+    # for a linear model the margin to a fixed wrong class is maximized at a corner;
+    # the best over wrong classes is the max over classes of the per-class corner value
+    weight = model[1].weight.detach()
+    best = []
+    for i in range(5):
+        values = []
+        for j in range(3):
+            if j == y[i]:
+                continue
+            direction = (weight[j] - weight[y[i]]).sign().view(1, 3, 4)
+            corner = torch.where(direction > 0, box.upper[i], box.lower[i])
+            logits = model(corner.unsqueeze(0))[0]
+            values.append((logits[j] - logits[y[i]]).item())
+        best.append(max(values))
+    found = margin_loss(model(point), y)
+    tolerance = 1e-5 if precision == "float32" else 5e-2
+    assert torch.allclose(found, torch.tensor(best), atol=tolerance)
+
+
+def test_pgd_keeps_the_highest_loss_point_seen():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.rand(8, 1, 3, 4)
+    y = torch.randint(0, 3, (8,))
+    box = linf_box(x, 0.3)
+    start = box.center
+    point = pgd_attack(model, box, y, PGDSettings(steps=5, restarts=1, random_start=False))
+    assert (cross_entropy_loss(model(point), y) >= cross_entropy_loss(model(start), y) - 1e-6).all()
+    # zero steps returns the start itself
+    assert torch.equal(pgd_attack(model, box, y, PGDSettings(steps=0, restarts=1, random_start=False)), start)
+
+
+def test_restarts_never_do_worse_than_one_restart_from_the_same_stream():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 3, 4), torch.randint(0, 3, (8,))
+    box = linf_box(x, 0.3)
+    one = pgd_attack(model, box, y, PGDSettings(steps=3, restarts=1), generator=torch.Generator().manual_seed(0))
+    many = pgd_attack(model, box, y, PGDSettings(steps=3, restarts=4), generator=torch.Generator().manual_seed(0))
+    # the first restart of `many` draws the same start as `one`
+    assert (cross_entropy_loss(model(many), y) >= cross_entropy_loss(model(one), y) - 1e-6).all()
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="restarts"):
+        PGDSettings(restarts=0)
+    with pytest.raises(ValueError, match="precision"):
+        PGDSettings(precision="int8")

@@ -19,6 +19,12 @@ import sys
 import time
 
 
+DEFAULT_ROWS = ("standard,ibp,ibp:warmup,pgd,sabr,mtl_ibp,mtl_ibp+attack.steps=10+attack.step_size=0.25,"
+                "staps,taps,crown_ibp,crown_ibp+method.loss_fusion=false,edac,"
+                "sabr+attack.precision=bfloat16,mtl_ibp+attack.steps=10+attack.step_size=0.25+attack.precision=bfloat16,"
+                "staps+attack.precision=bfloat16")
+
+
 def measure(row: str, preset_setting: str, architecture: str, batch: int, steps: int, warmup: int,
             threads: int, device: str) -> dict:
     import torch
@@ -31,14 +37,15 @@ def measure(row: str, preset_setting: str, architecture: str, batch: int, steps:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    method_name, _, phase = row.partition(":")
+    head, *row_overrides = row.split("+")
+    method_name, _, phase = head.partition(":")
     overrides = [f"model.architecture={architecture}", f"optim.batch_size={batch}"]
     if f"{preset_setting}/{method_name}" in preset_names():
         preset = f"{preset_setting}/{method_name}"
     else:  # plain and standard: the setting's IBP preset with the method swapped
         preset = f"{preset_setting}/ibp"
         overrides.append(f"method.name={'standard' if method_name == 'plain' else method_name}")
-    config = load_config(preset, overrides)
+    config = load_config(preset, overrides + row_overrides)
     dataset = load_dataset("mnist")
     images = dataset.train.images[:batch].to(device).float() / 255
     labels = dataset.train.labels[:batch].to(device)
@@ -82,8 +89,9 @@ def measure(row: str, preset_setting: str, architecture: str, batch: int, steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="standard,ibp,ibp:warmup,pgd",
-                        help="comma-separated rows: a method name, optionally ':warmup'")
+    parser.add_argument("--methods", default=DEFAULT_ROWS,
+                        help="comma-separated rows: METHOD[:warmup][+key=value...], e.g. "
+                             "mtl_ibp+attack.steps=10 or sabr+attack.precision=bfloat16")
     parser.add_argument("--setting", default="mnist-0.1")
     parser.add_argument("--model", default="cnn7")
     parser.add_argument("--batch", type=int, default=256)
@@ -124,9 +132,10 @@ def main() -> None:
     print(f"{args.model.upper()}-BN, MNIST, batch {args.batch}, {args.threads} threads, {args.device}, "
           f"{args.setting} settings; median of {args.steps} steps; plain step {before['seconds']:.3f} s before, "
           f"{after['seconds']:.3f} s after")
-    print(f"{'step':18s} {'seconds':>9s} {'ratio':>7s} {'peak MB':>9s}")
+    width = max(len(row["method"]) for row in table)
+    print(f"{'step':{width}s} {'seconds':>9s} {'ratio':>7s} {'peak MB':>9s}")
     for row in table:
-        print(f"{row['method']:18s} {row['seconds']:9.3f} {row['ratio_to_standard']:7.2f} {row['peak_memory_mb']:9.0f}")
+        print(f"{row['method']:{width}s} {row['seconds']:9.3f} {row['ratio_to_standard']:7.2f} {row['peak_memory_mb']:9.0f}")
 
 
 if __name__ == "__main__":

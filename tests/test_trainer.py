@@ -109,3 +109,24 @@ def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
     assert test["certified_accuracy"] <= test["adversarial_accuracy"] <= test["natural_accuracy"]
     assert test["natural_accuracy"] > 0.7 and test["certified_accuracy"] > 0.45
     assert main(["evaluate", str(tmp_path / "run"), "--count", "500", "--json"]) == 0
+
+
+def test_swa_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_path, mnist):
+    config = small_config(extra=["optim.epochs=3", "swa.start_epoch=1", "attack.steps=1"])
+    snapshots = {}
+
+    def progress(iterable, total, description):
+        epoch = int(description.split()[1].split("/")[0]) - 1
+        if epoch >= 2:  # checkpoint.pt now holds the state after epoch - 1
+            snapshots[epoch - 1] = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+        return iterable
+
+    results = Trainer(config, tmp_path / "run", progress=progress, dataset=mnist).fit()
+    snapshots[2] = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)["model"]
+    assert results["model"].startswith("SWA")
+    weights = [key for key in final if key.endswith("weight") and final[key].dim() > 1]
+    for key in weights:
+        assert torch.allclose(final[key], (snapshots[1][key] + snapshots[2][key]) / 2, atol=1e-6)
+    running = [key for key in final if key.endswith("running_mean")]
+    assert any(not torch.allclose(final[key], (snapshots[1][key] + snapshots[2][key]) / 2) for key in running)

@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.add_argument("--json", action="store_true")
     presets.set_defaults(run=cmd_presets)
+
+    from .analysis.cli import add_analyze_parser
+
+    add_analyze_parser(commands)
     return parser
 
 

@@ -92,6 +92,107 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _run_dir(source: str) -> Path:
+    path = Path(source)
+    return path if path.is_dir() else path.parent
+
+
+def cmd_certify(args) -> int:
+    import torch
+
+    from .certify import AttackSettings, BabSettings, CertifySettings, certify, default_out_dir
+    from .data import load_dataset
+    from .training import resolve_device
+
+    if args.merge:
+        return _print_merge(Path(args.source), args.json)
+    model, config = load_trained(args.source)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device or config.device)
+    dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
+    eps = config.eps.test_eps if args.eps is None else args.eps
+    total = len(dataset.test)
+    stop = total if args.count is None else min(args.start + args.count, total)
+    out = Path(args.out) if args.out else default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)
+    settings = CertifySettings(
+        batch_size=args.batch_size,
+        attack=AttackSettings(pgd_steps=args.attack_steps, pgd_restarts=args.attack_restarts,
+                              apgd_ce=args.apgd, apgd_t=args.apgd),
+        bab=BabSettings(timeout=args.timeout))
+    progress = None
+    if not args.quiet:
+        bar = _progress(None, stop - args.start, "certify")
+        progress = lambda done, count: (setattr(bar, "total", count), bar.update(done - bar.n))  # noqa: E731
+    result = certify(model, dataset.test, eps, stages=args.stages, timeout=args.timeout,
+                     indices=range(args.start, stop), out_dir=out, shard=args.shard, settings=settings,
+                     device=device, resume=not args.restart, progress=progress)
+    if not args.quiet:
+        bar.close()
+    _print_certify_summary(result.summary, result.path, args.json)
+    return 0
+
+
+def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    counts = summary["counts"]
+    stages = ", ".join(f"{stage} {count}" for stage, count in summary["certified_by_stage"].items()) or "none"
+    print(f"{summary['samples']} samples at eps {summary['eps']}: natural {_percent(summary['natural_accuracy'])}  "
+          f"certified {_percent(summary['certified_accuracy'])} ({stages})  "
+          f"adversarial {_percent(summary['adversarial_accuracy'])}  "
+          f"falsified {counts['falsified']}  unknown {counts['unknown']}  wrong {counts['wrong']}  "
+          f"time {summary['seconds_total']:.1f} s")
+    if path is not None:
+        print(f"verdicts: {path}")
+
+
+def _shard(text: str) -> str:
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected k/N with 0 <= k < N, got {text!r}")
+    return text
+
+
+def _print_merge(folder: Path, as_json: bool) -> int:
+    from .certify import merge
+
+    try:
+        result = merge(folder)
+    except FileNotFoundError as error:
+        print(f"ctbench: error: {error}", file=sys.stderr)
+        return 2
+    _print_certify_summary(result.summary, result.path, as_json)
+    if not as_json and "shards" in result.summary:
+        for name, shards in result.summary["shards"].items():
+            if shards["missing"]:
+                print(f"shards {name}: missing {shards['missing']}")
+    return 0
+
+
+def cmd_certify_merge(args) -> int:
+    return _print_merge(Path(args.folder), args.json)
+
+
+def cmd_export(args) -> int:
+    from .certify.export import export_onnx, export_vnnlib
+    from .data import DATASETS, load_dataset
+
+    model, config = load_trained(args.source)
+    spec = DATASETS.get(config.data.dataset).spec
+    onnx_path = export_onnx(model, args.onnx, (spec.channels, spec.size, spec.size))
+    print(f"onnx: {onnx_path}")
+    if args.vnnlib_dir:
+        dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
+        eps = config.eps.test_eps if args.eps is None else args.eps
+        stop = min(args.start + args.count, len(dataset.test))
+        paths = export_vnnlib(dataset.test.images, dataset.test.labels, range(args.start, stop), eps, args.vnnlib_dir,
+                              spec.classes, onnx_path=onnx_path, timeout=args.timeout)
+        print(f"vnnlib: {len(paths)} properties in {args.vnnlib_dir} (instances.csv lists them)")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .presets import describe, preset_names
 
@@ -134,6 +235,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_evaluate)
 
+    certify = commands.add_parser("certify", help="certification cascade: per-sample verdicts (certified, falsified, ...)")
+    certify.add_argument("source", help="run folder or checkpoint file (with --merge: a verdicts folder)")
+    certify.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
+    certify.add_argument("--stages", default="ibp,crown-ibp,attack,alpha-crown,bab",
+                         help="comma-separated stages, in order (ibp, crown-ibp, attack, alpha-crown, bab, milp)")
+    certify.add_argument("--timeout", type=float, default=1000.0, help="seconds per sample (paper: 1000)")
+    certify.add_argument("--start", type=int, default=0, help="first test sample")
+    certify.add_argument("--count", type=int, help="number of test samples (default: all)")
+    certify.add_argument("--shard", type=_shard, help="k/N: only the samples i with i %% N == k (file verdicts-shard-k-of-N.jsonl)")
+    certify.add_argument("--out", help="verdicts folder (default: RUN/certify at the run's test eps, else RUN/certify-eps<E>)")
+    certify.add_argument("--batch-size", type=int, default=128, help="samples per cascade batch")
+    certify.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the attack stage")
+    certify.add_argument("--attack-restarts", type=int, default=5, help="PGD restarts of the attack stage")
+    certify.add_argument("--apgd", action="store_true", help="also run APGD-CE and APGD-T in the attack stage")
+    certify.add_argument("--restart", action="store_true", help="start the verdicts file anew instead of resuming")
+    certify.add_argument("--merge", action="store_true", help="merge the shard files in the folder SOURCE and summarize")
+    certify.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    certify.add_argument("--threads", type=int, help="torch CPU threads")
+    certify.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    certify.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    certify.add_argument("--quiet", action="store_true", help="no progress bar")
+    certify.set_defaults(run=cmd_certify)
+
+    certify_merge = commands.add_parser("certify-merge", help="merge verdicts-shard-k-of-N.jsonl files and summarize")
+    certify_merge.add_argument("folder", help="the verdicts folder of the shards")
+    certify_merge.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    certify_merge.set_defaults(run=cmd_certify_merge)
+
+    export = commands.add_parser("export", help="export a model to ONNX and test samples to VNN-LIB properties")
+    export.add_argument("source", help="run folder or checkpoint file")
+    export.add_argument("--onnx", required=True, help="output .onnx file")
+    export.add_argument("--vnnlib-dir", help="also write prop_<index>.vnnlib files and instances.csv here")
+    export.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
+    export.add_argument("--start", type=int, default=0, help="first test sample")
+    export.add_argument("--count", type=int, default=100, help="number of properties")
+    export.add_argument("--timeout", type=float, default=1000.0, help="timeout written to instances.csv")
+    export.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    export.set_defaults(run=cmd_export)
+
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.add_argument("--json", action="store_true")
     presets.set_defaults(run=cmd_presets)
@@ -146,11 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .certify.verdicts import InvalidVerdict
     from .training import CheckpointError
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict) as error:
         print(f"ctbench: error: {error}", file=sys.stderr)
         return 2
 

@@ -180,9 +180,15 @@ def fold_affine(ops: Sequence[Op]) -> tuple[Op, ...]:
     for op in ops:
         if isinstance(op, ChannelAffineOp) and folded and isinstance(folded[-1], (LinearOp, ConvOp)):
             folded[-1] = _fold(folded[-1], op)
+        elif isinstance(op, ChannelAffineOp) and _is_identity(op):
+            continue  # e.g. MNIST's normalization (mean 0, std 1)
         else:
             folded.append(op)
     return tuple(folded)
+
+
+def _is_identity(op: ChannelAffineOp) -> bool:
+    return not op.scale.requires_grad and bool((op.scale == 1).all() and (op.shift == 0).all())
 
 
 def run_ops(ops: Sequence[Op], x: Tensor) -> Tensor:

@@ -62,7 +62,8 @@ def compute_step_gradients(model: nn.Module, method: Method, config: TrainConfig
     natural = F.cross_entropy(clean_logits, labels)
     metrics: dict[str, float] = {"natural_loss": natural.item(),
                                  "train_accuracy": (clean_logits.argmax(1) == labels).float().mean().item()}
-    head = (1 - w_rob) * natural if settings.eps > 0 else natural
+    # terms that need no robust pass; with w_rob = 1 the natural loss does not contribute at all
+    head = natural if settings.eps == 0 else ((1 - w_rob) * natural if w_rob < 1 else natural.new_zeros(()))
     if config.regularization.l1 > 0:
         head = head + config.regularization.l1 * l1_penalty(model)
     if settings.eps == 0:  # standard epochs / start of the ramp: no perturbation, no robust term

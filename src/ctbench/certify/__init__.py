@@ -1,0 +1,25 @@
+"""Certification: the cascade of stages (IBP -> CROWN-IBP -> attack -> alpha-CROWN -> branch and
+bound), per-sample verdicts with a float64 soundness check, sharding, resume and merging, and
+export to ONNX + VNN-LIB for external verifiers."""
+from .bab import BabResult, BabSettings, BranchAndBound
+from .cascade import (
+    CertifyResult, Shard, SoundnessError, append_verdicts, certify, default_out_dir, merge, read_verdicts,
+    summarize,
+)
+from .soundness import SafetyMargin
+from .stages import (
+    DEFAULT_STAGES, STAGES, AlphaCrownSettings, AttackSettings, CertifySettings, MilpSettings, build_stage,
+    stage_names,
+)
+from .verdicts import (
+    VERDICTS, CounterexampleCheck, InvalidCounterexample, InvalidVerdict, Verdict, VerdictBook, VerdictConflict,
+    check_counterexample, falsified_verdict,
+)
+
+__all__ = [
+    "AlphaCrownSettings", "AttackSettings", "BabResult", "BabSettings", "BranchAndBound", "CertifyResult",
+    "CertifySettings", "CounterexampleCheck", "DEFAULT_STAGES", "InvalidCounterexample", "InvalidVerdict",
+    "MilpSettings", "STAGES", "SafetyMargin", "Shard", "SoundnessError", "VERDICTS", "Verdict", "VerdictBook",
+    "VerdictConflict", "append_verdicts", "build_stage", "certify", "default_out_dir", "check_counterexample", "falsified_verdict",
+    "merge", "read_verdicts", "stage_names", "summarize",
+]

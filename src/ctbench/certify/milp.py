@@ -1,0 +1,371 @@
+"""Exact LP and MILP solving with HiGHS, for branch-and-bound leaves and small networks.
+
+``solve`` passes a whole model to HiGHS at once (cost vector, bounds, one sparse column-wise
+constraint matrix): through ``highspy`` (the ``certify`` extra) when it is installed, else
+through ``scipy.optimize`` (which ships the same HiGHS solvers).
+
+``network_milp`` encodes a small ReLU network exactly (Tjeng et al. 2019): a continuous
+variable per input and per ReLU output, a binary per unstable neuron, big-M constants from
+sound intermediate bounds:
+
+    a >= 0,  a >= z,  a <= u * d,  a <= z - l * (1 - d),   d in {0, 1},
+
+where z = M a_prev + c is the pre-activation, an affine function of the previous layer's
+ReLU outputs (or of the input), and M is obtained by pushing the unit vectors through the
+affine ops between two ReLUs, so convolutions are expanded to dense matrices: this is meant for
+tiny networks only (``max_matrix_elements``). Stable neurons need no binary: a = z when
+l >= 0, a = 0 when u <= 0. The objective is a margin z_y - z_t; its minimum over the box is
+negative iff the network can be fooled into class t.
+
+MILP certificates rely on HiGHS' tolerances (feasibility 1e-9, relative gap 1e-9 here), not
+on a float64 re-check, so ``network_milp`` is used as a test oracle and as an optional
+stage; branch and bound closes its LP leaves with a float64 Lagrangian bound instead
+(``soundness.lagrangian_lower_bound``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..bounds.box import Box
+from ..bounds.crown import intermediate_bounds, layer_shapes, relu_indices
+from ..models.ops import Op, ReluOp, run_ops
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Solution:
+    """status: "optimal", "infeasible", "time-limit" or another HiGHS status string; x: the
+    primal point (None unless feasible); objective: its value; bound: a proven lower bound of
+    the minimum (MILP dual bound; for an LP the optimum); row_dual: row duals (LPs only)."""
+
+    status: str
+    x: np.ndarray | None
+    objective: float
+    bound: float
+    row_dual: np.ndarray | None = None
+
+
+_HIGHS_BANNER_SHOWN = False
+
+
+def _highs():
+    """A silent highspy.Highs (its one-time banner goes to fd 1; it is swallowed here)."""
+    global _HIGHS_BANNER_SHOWN
+    import highspy
+
+    if not _HIGHS_BANNER_SHOWN:
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        try:
+            solver = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(null)
+        _HIGHS_BANNER_SHOWN = True
+    else:
+        solver = highspy.Highs()
+    solver.setOptionValue("output_flag", False)
+    return solver
+
+
+def highspy_available() -> bool:
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def solve(cost: np.ndarray, matrix, row_lower: np.ndarray, row_upper: np.ndarray, col_lower: np.ndarray,
+          col_upper: np.ndarray, integer: np.ndarray | None = None, offset: float = 0.0,
+          time_limit: float | None = None, tolerance: float = 1e-9, backend: str = "auto") -> Solution:
+    """min cost . x + offset  s.t.  row_lower <= matrix x <= row_upper, col bounds, x_j integer
+    where ``integer[j]``. ``matrix`` is anything scipy.sparse can turn into CSC."""
+    import scipy.sparse as sparse
+
+    matrix = sparse.csc_matrix(matrix, dtype=np.float64)
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (cost, row_lower, row_upper, col_lower, col_upper)]
+    if backend == "auto":
+        backend = "highspy" if highspy_available() else "scipy"
+    if backend == "highspy":
+        return _solve_highspy(matrix, *arrays, integer, offset, time_limit, tolerance)
+    if backend == "scipy":
+        return _solve_scipy(matrix, *arrays, integer, offset, time_limit, tolerance)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _solve_highspy(matrix, cost, row_lower, row_upper, col_lower, col_upper, integer, offset, time_limit,
+                   tolerance) -> Solution:
+    import highspy
+
+    solver = _highs()
+    for option, value in (("primal_feasibility_tolerance", tolerance), ("dual_feasibility_tolerance", tolerance),
+                          ("mip_feasibility_tolerance", tolerance), ("mip_rel_gap", tolerance),
+                          ("mip_abs_gap", tolerance), ("threads", 1)):
+        solver.setOptionValue(option, value)
+    if time_limit is not None:
+        solver.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
+    inf = highspy.kHighsInf
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = matrix.shape[1], matrix.shape[0]
+    lp.col_cost_ = cost
+    lp.col_lower_ = np.where(np.isinf(col_lower), -inf, col_lower)
+    lp.col_upper_ = np.where(np.isinf(col_upper), inf, col_upper)
+    lp.row_lower_ = np.where(np.isinf(row_lower), -inf, row_lower)
+    lp.row_upper_ = np.where(np.isinf(row_upper), inf, row_upper)
+    lp.offset_ = float(offset)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = matrix.shape[1], matrix.shape[0]
+    lp.a_matrix_.start_ = matrix.indptr.astype(np.int32)
+    lp.a_matrix_.index_ = matrix.indices.astype(np.int32)
+    lp.a_matrix_.value_ = matrix.data.astype(np.float64)
+    is_mip = integer is not None and bool(np.any(integer))
+    if is_mip:
+        lp.integrality_ = [highspy.HighsVarType.kInteger if flag else highspy.HighsVarType.kContinuous
+                           for flag in integer]
+    solver.passModel(lp)
+    solver.run()
+    status = solver.getModelStatus()
+    info = solver.getInfo()
+    solution = solver.getSolution()
+    if status == highspy.HighsModelStatus.kOptimal:
+        x = np.asarray(solution.col_value, dtype=np.float64)
+        objective = float(info.objective_function_value)
+        bound = float(info.mip_dual_bound) if is_mip else objective
+        dual = None if is_mip else np.asarray(solution.row_dual, dtype=np.float64)
+        return Solution("optimal", x, objective, bound, dual)
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return Solution("infeasible", None, INF, INF)
+    name = solver.modelStatusToString(status).lower().replace(" ", "-")
+    x = np.asarray(solution.col_value, dtype=np.float64) if solution.value_valid else None
+    bound = float(info.mip_dual_bound) if is_mip else -INF
+    return Solution(name, x, float(info.objective_function_value) if x is not None else INF,
+                    bound if math.isfinite(bound) else -INF)
+
+
+def _solve_scipy(matrix, cost, row_lower, row_upper, col_lower, col_upper, integer, offset, time_limit,
+                 tolerance) -> Solution:
+    from scipy import optimize
+
+    options = {"time_limit": time_limit} if time_limit is not None else {}
+    if integer is not None and np.any(integer):
+        result = optimize.milp(cost, constraints=optimize.LinearConstraint(matrix, row_lower, row_upper),
+                               integrality=np.asarray(integer, dtype=np.int8),
+                               bounds=optimize.Bounds(col_lower, col_upper),
+                               options={"mip_rel_gap": tolerance, **options})
+        if result.status == 0:
+            bound = getattr(result, "mip_dual_bound", None)
+            bound = result.fun if bound is None else bound
+            return Solution("optimal", result.x, float(result.fun) + offset, float(bound) + offset)
+        if result.status == 2:
+            return Solution("infeasible", None, INF, INF)
+        return Solution("time-limit" if result.status == 1 else "error", result.x,
+                        INF if result.x is None else float(result.fun) + offset, -INF)
+    # Rows as two one-sided blocks for linprog (A_ub x <= b_ub), keeping track of signs.
+    upper_rows = np.isfinite(row_upper)
+    lower_rows = np.isfinite(row_lower)
+    blocks, rhs = [], []
+    if upper_rows.any():
+        blocks.append(matrix[upper_rows])
+        rhs.append(row_upper[upper_rows])
+    if lower_rows.any():
+        blocks.append(-matrix[lower_rows])
+        rhs.append(-row_lower[lower_rows])
+    import scipy.sparse as sparse
+
+    A_ub = sparse.vstack(blocks).tocsr() if blocks else None
+    b_ub = np.concatenate(rhs) if rhs else None
+    result = optimize.linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=np.stack([col_lower, col_upper], 1),
+                              method="highs", options=options)
+    if result.status == 0:
+        marginals = np.asarray(result.ineqlin.marginals) if b_ub is not None else np.zeros(0)
+        dual = np.zeros(matrix.shape[0])
+        count = int(upper_rows.sum())
+        dual[upper_rows] += marginals[:count]  # <= rows: marginal <= 0
+        dual[lower_rows] -= marginals[count:]  # >= rows: a >= 0 dual in HiGHS' sign convention
+        return Solution("optimal", result.x, float(result.fun) + offset, float(result.fun) + offset, dual)
+    if result.status == 2:
+        return Solution("infeasible", None, INF, INF)
+    return Solution("error", None, INF, -INF)
+
+
+# ----------------------------------------------------------------------------------------------
+# Affine segments of a network
+
+
+def affine_matrix(ops: Sequence[Op], input_shape: tuple[int, ...], dtype=torch.float64,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(M, c) with ops(h) = M h.flatten() + c for affine ``ops`` (no ReLU), by pushing the zero
+    vector and the unit vectors through them. M: (out, in), c: (out,)."""
+    size = math.prod(input_shape)
+    basis = torch.cat([torch.zeros(1, size, dtype=dtype, device=device),
+                       torch.eye(size, dtype=dtype, device=device)]).reshape(size + 1, *input_shape)
+    with torch.no_grad():
+        out = run_ops(ops, basis).flatten(1)
+    offset = out[0]
+    return (out[1:] - offset).T.contiguous(), offset
+
+
+@dataclass(frozen=True)
+class NetworkMilpResult:
+    """min over the box of z_y - z_t per target t (inf where not solved), the overall minimum,
+    the minimizing input (float64, the sample's shape) and the worst target; ``exact`` is
+    False when some MILP stopped early (time limit): then ``minimum`` is only a lower bound
+    (the best dual bound) and counterexamples may have been missed."""
+
+    per_target: dict[int, float]
+    minimum: float
+    point: Tensor | None
+    target: int | None
+    exact: bool
+
+
+def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
+                 intermediate: Mapping[int, Box] | None = None, targets: Sequence[int] | None = None,
+                 stop_below: float | None = None, time_limit: float | None = None,
+                 max_matrix_elements: int = 5_000_000, backend: str = "auto") -> NetworkMilpResult:
+    """Exact minimum of the margin z_label - z_t over the box (one sample, batch dim 1) by MILP,
+    for every target t (default: all t != label). ``intermediate``: sound ReLU-input boxes (float64
+    CROWN bounds are computed when None). ``stop_below``: stop after the first target whose
+    minimum is below this value (a counterexample is enough)."""
+    import scipy.sparse as sparse
+
+    dtype, device = torch.float64, box.lower.device
+    if intermediate is None:
+        with torch.no_grad():
+            intermediate = intermediate_bounds(ops, box, "crown")
+    shapes = layer_shapes(ops, tuple(box.lower.shape[1:]))
+    relus = relu_indices(ops)
+    starts = [0] + [index + 1 for index in relus]
+    ends = relus + [len(ops)]
+    segments = []
+    for start, end in zip(starts, ends):
+        elements = math.prod(shapes[start]) * math.prod(shapes[end])
+        if elements > max_matrix_elements:
+            raise ValueError(f"network too large for the dense MILP encoding (segment {start}:{end} "
+                             f"has a {math.prod(shapes[end])} x {math.prod(shapes[start])} matrix)")
+        segments.append(affine_matrix(ops[start:end], shapes[start], dtype, device))
+
+    # Columns: x, then per ReLU layer its outputs a_k, then the binaries of its unstable neurons.
+    col_lower = [box.lower.flatten().cpu().double().numpy()]
+    col_upper = [box.upper.flatten().cpu().double().numpy()]
+    integer = [np.zeros(col_lower[0].size, dtype=bool)]
+    rows, row_lower, row_upper = [], [], []
+    offset_cols = col_lower[0].size
+    previous_cols = np.arange(offset_cols)
+    widen = 1e-9
+    for k, index in enumerate(relus):
+        M, c = (t.cpu().numpy() for t in segments[k])
+        pre = intermediate[index]
+        l = pre.lower.flatten().cpu().double().numpy()
+        u = pre.upper.flatten().cpu().double().numpy()
+        l = l - widen * (1 + np.abs(l))
+        u = u + widen * (1 + np.abs(u))
+        n = l.size
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        a_cols = offset_cols + np.arange(n)
+        d_cols = offset_cols + n + np.arange(int(unstable.sum()))
+        count = offset_cols + n + d_cols.size
+        col_lower.append(np.zeros(n))
+        col_upper.append(np.where(inactive, 0.0, np.maximum(u, 0.0)))
+        col_lower.append(np.zeros(d_cols.size))
+        col_upper.append(np.ones(d_cols.size))
+        integer.append(np.zeros(n, dtype=bool))
+        integer.append(np.ones(d_cols.size, dtype=bool))
+
+        def block(selected: np.ndarray, a_coef: float, d_coef: np.ndarray | None):
+            # rows: a_coef * a_j - M_j a_prev + d_coef_j * d_j for the selected neurons j
+            selected_idx = np.nonzero(selected)[0]
+            m = selected_idx.size
+            prev_block = sparse.csr_matrix(-M[selected_idx])
+            parts = [(prev_block, previous_cols)]
+            a_block = sparse.csr_matrix((np.full(m, a_coef), (np.arange(m), selected_idx)), shape=(m, n))
+            parts.append((a_block, a_cols))
+            if d_coef is not None:
+                position = np.cumsum(unstable) - 1
+                d_block = sparse.csr_matrix((d_coef, (np.arange(m), position[selected_idx])), shape=(m, d_cols.size))
+                parts.append((d_block, d_cols))
+            return parts, m
+
+        def add_rows(parts, m, lower, upper):
+            coo_rows, coo_cols, coo_vals = [], [], []
+            for part, columns in parts:
+                part = part.tocoo()
+                coo_rows.append(part.row)
+                coo_cols.append(columns[part.col])
+                coo_vals.append(part.data)
+            rows.append((np.concatenate(coo_rows), np.concatenate(coo_cols), np.concatenate(coo_vals), m))
+            row_lower.append(lower)
+            row_upper.append(upper)
+
+        # active: a - M a_prev = c
+        parts, m = block(active, 1.0, None)
+        add_rows(parts, m, c[active], c[active])
+        # unstable: a - M a_prev >= c ; a - M a_prev - l d <= c - l ; a - u d <= 0
+        parts, m = block(unstable, 1.0, None)
+        add_rows(parts, m, c[unstable], np.full(m, INF))
+        parts, m = block(unstable, 1.0, -l[unstable])
+        add_rows(parts, m, np.full(m, -INF), c[unstable] - l[unstable])
+        sel = np.nonzero(unstable)[0]
+        position = np.arange(sel.size)
+        a_part = sparse.csr_matrix((np.ones(sel.size), (position, sel)), shape=(sel.size, n))
+        d_part = sparse.csr_matrix((-u[unstable], (position, position)), shape=(sel.size, d_cols.size))
+        add_rows([(a_part, a_cols), (d_part, d_cols)], sel.size, np.full(sel.size, -INF), np.zeros(sel.size))
+        previous_cols = a_cols
+        offset_cols = count
+
+    M_last, c_last = (t.cpu().numpy() for t in segments[-1])
+    row_offset = 0
+    all_rows, all_cols, all_vals = [], [], []
+    for r, cidx, vals, m in rows:
+        all_rows.append(r + row_offset)
+        all_cols.append(cidx)
+        all_vals.append(vals)
+        row_offset += m
+    matrix = sparse.csc_matrix((np.concatenate(all_vals) if all_vals else np.zeros(0),
+                                (np.concatenate(all_rows) if all_rows else np.zeros(0, int),
+                                 np.concatenate(all_cols) if all_cols else np.zeros(0, int))),
+                               shape=(row_offset, offset_cols))
+    lower_cols, upper_cols = np.concatenate(col_lower), np.concatenate(col_upper)
+    integrality = np.concatenate(integer)
+    r_lower = np.concatenate(row_lower) if row_lower else np.zeros(0)
+    r_upper = np.concatenate(row_upper) if row_upper else np.zeros(0)
+    targets = [t for t in range(num_classes) if t != label] if targets is None else list(targets)
+    per_target: dict[int, float] = {}
+    best, best_point, best_target, exact = INF, None, None, True
+    for target in targets:
+        cost = np.zeros(offset_cols)
+        weights = M_last[label] - M_last[target]
+        cost[previous_cols] = weights
+        solution = solve(cost, matrix, r_lower, r_upper, lower_cols, upper_cols, integrality,
+                         offset=float(c_last[label] - c_last[target]), time_limit=time_limit, backend=backend)
+        if solution.status == "optimal":
+            value = solution.objective
+        else:
+            exact = False
+            value = solution.bound
+        per_target[target] = value
+        if value < best:
+            best, best_target = value, target
+            if solution.x is not None:
+                best_point = torch.from_numpy(solution.x[:col_lower[0].size].copy()).reshape(box.lower.shape[1:])
+        if stop_below is not None and solution.status == "optimal" and value < stop_below:
+            break
+    return NetworkMilpResult(per_target, best, best_point, best_target, exact)
+
+
+def network_neurons(ops: Sequence[Op], input_shape: tuple[int, ...]) -> int:
+    shapes = layer_shapes(ops, input_shape)
+    return sum(math.prod(shapes[index]) for index, op in enumerate(ops) if isinstance(op, ReluOp))

@@ -113,8 +113,7 @@ def main() -> None:
                    "--threads", str(args.threads), "--device", args.device]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
-        if not args.json:
-            print(f"  measured {row}: {result['seconds']:.3f} s", file=sys.stderr)
+        print(f"  measured {json.dumps(result)}", file=sys.stderr, flush=True)
         return result
 
     before = run("plain")

@@ -286,11 +286,15 @@ FOLD_RULES: dict[type, Callable[[Op, ChannelAffineOp], Op]] = {
 }
 
 
+ReluHook = Callable[[int, Tensor, LinearBound], LinearBound]
+
+
 def backward(ops: Sequence[Op], bound: LinearBound, input_shape: tuple[int, ...],
-             relaxations: Mapping[int, ReluRelaxation]) -> LinearBound:
+             relaxations: Mapping[int, ReluRelaxation], after_relu: ReluHook | None = None) -> LinearBound:
     """Move a linear bound on the output of ``ops`` to their input (``input_shape`` per sample);
     ``relaxations[k]`` relaxes the ReLU ops[k]. Affine maps after a Linear/Conv are folded
-    into it (``FOLD_RULES``)."""
+    into it (``FOLD_RULES``). ``after_relu(k, A at the ReLU's output, bound at its input)``
+    may adjust the bound right after each ReLU (branch and bound prices split constraints there)."""
     shapes = layer_shapes(ops, input_shape)
     index = len(ops) - 1
     while index >= 0:
@@ -298,8 +302,10 @@ def backward(ops: Sequence[Op], bound: LinearBound, input_shape: tuple[int, ...]
         if isinstance(op, ChannelAffineOp) and index > 0 and type(ops[index - 1]) in FOLD_RULES:
             index -= 1
             op = FOLD_RULES[type(ops[index])](ops[index], op)
-        ctx = BackwardContext(shapes[index], relaxations.get(index))
-        bound = BACKWARD_RULES[type(op)](op, bound, ctx)
+        output_A = bound.A
+        bound = BACKWARD_RULES[type(op)](op, bound, BackwardContext(shapes[index], relaxations.get(index)))
+        if after_relu is not None and isinstance(op, ReluOp):
+            bound = after_relu(index, output_A, bound)
         index -= 1
     return bound
 

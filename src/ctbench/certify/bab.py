@@ -55,11 +55,11 @@ from torch import Tensor
 from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import (
-    BACKWARD_RULES, FOLD_RULES, BackwardContext, LinearBound, ReluRelaxation, adaptive_alpha, apply_split,
-    backward, concretize_lower, intermediate_bounds, layer_shapes, relu_indices, relu_relaxation,
+    LinearBound, ReluRelaxation, adaptive_alpha, apply_split, backward, concretize_lower, intermediate_bounds, layer_shapes,
+    relu_indices, relu_relaxation,
 )
 from ..bounds.ibp import ibp_step
-from ..models.ops import ChannelAffineOp, Op, ReluOp, run_ops
+from ..models.ops import Op, ReluOp, run_ops
 from . import milp
 from .soundness import (
     SafetyMargin, clean_logits64, infeasibility_certificate, intersect_intermediate, lagrangian_lower_bound,
@@ -152,25 +152,20 @@ def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas,
 
     Returns (lower (B, S), the bound at the input, and when ``capture`` a dict
     {ReLU op index: (A w.r.t. its output, A w.r.t. its input before the beta term)})."""
-    shapes = layer_shapes(ops, input_shape)
     relaxations = {index: relu_relaxation(pre, alphas.get(index) if alphas else None)
                    for index, pre in intermediate.items()}
-    bound = LinearBound(spec, torch.zeros(spec.shape[:2], dtype=spec.dtype, device=spec.device))
     captured: dict[int, tuple[Tensor, Tensor]] = {}
-    index = len(ops) - 1
-    while index >= 0:
-        op = ops[index]
-        if isinstance(op, ChannelAffineOp) and index > 0 and type(ops[index - 1]) in FOLD_RULES:
-            index -= 1
-            op = FOLD_RULES[type(ops[index])](ops[index], op)
-        output_A = bound.A
-        bound = BACKWARD_RULES[type(op)](op, bound, BackwardContext(shapes[index], relaxations.get(index)))
-        if isinstance(op, ReluOp) and capture:
+
+    def price_splits(index: int, output_A: Tensor, bound: LinearBound) -> LinearBound:
+        if capture:
             captured[index] = (output_A, bound.A)
-        if isinstance(op, ReluOp) and betas and index in betas:
+        if betas and index in betas:
             sign = signs[index].to(bound.A.dtype).unsqueeze(1)
             bound = LinearBound(bound.A - betas[index].clamp(min=0) * sign, bound.bias)
-        index -= 1
+        return bound
+
+    start = LinearBound(spec, torch.zeros(spec.shape[:2], dtype=spec.dtype, device=spec.device))
+    bound = backward(ops, start, input_shape, relaxations, after_relu=price_splits)
     return concretize_lower(bound, box), bound, captured
 
 

@@ -107,6 +107,8 @@ def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
     test = results["test"]
     assert test["samples"] == 500
     assert test["certified_accuracy"] <= test["adversarial_accuracy"] <= test["natural_accuracy"]
+    # the tighter of IBP and CROWN-IBP certifies at least what IBP does, and never beyond the attack
+    assert test["certified_accuracy"] <= test["crown_ibp_certified_accuracy"] <= test["adversarial_accuracy"]
     assert test["natural_accuracy"] > 0.7 and test["certified_accuracy"] > 0.45
     assert main(["evaluate", str(tmp_path / "run"), "--count", "500", "--json"]) == 0
 

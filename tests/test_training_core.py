@@ -1,5 +1,4 @@
 """Trainer building blocks: BatchNorm policy, schedules, regularizers, methods, accumulation."""
-import dataclasses
 
 import pytest
 import torch

@@ -207,6 +207,23 @@ def cmd_presets(args) -> int:
     return 0
 
 
+DATA_DIR_HELP = "data folder (default: the run's, $CTBENCH_DATA, ./data)"
+
+
+def _add_sample_options(parser: argparse.ArgumentParser, count_help: str, count_default: int | None = None) -> None:
+    """--eps, --start, --count: which test samples, at which radius."""
+    parser.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
+    parser.add_argument("--start", type=int, default=0, help="first test sample")
+    parser.add_argument("--count", type=int, default=count_default, help=count_help)
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --threads, --data-dir of the commands that load a trained run."""
+    parser.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctbench", description="Certified training benchmark")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,26 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and PGD accuracy on the test set")
     evaluate.add_argument("source", help="run folder or checkpoint file")
-    evaluate.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
-    evaluate.add_argument("--start", type=int, default=0, help="first test sample")
-    evaluate.add_argument("--count", type=int, help="number of test samples (default: all)")
+    _add_sample_options(evaluate, count_help="number of test samples (default: all)")
     evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (0: no attack)")
     evaluate.add_argument("--restarts", type=int, default=3, help="PGD restarts")
     evaluate.add_argument("--crown-ibp", action="store_true", help="also certify with CROWN-IBP (tighter of the two)")
-    evaluate.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
-    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
-    evaluate.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    _add_runtime_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_evaluate)
 
     certify = commands.add_parser("certify", help="certification cascade: per-sample verdicts (certified, falsified, ...)")
     certify.add_argument("source", help="run folder or checkpoint file (with --merge: a verdicts folder)")
-    certify.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
     certify.add_argument("--stages", default="ibp,crown-ibp,attack,alpha-crown,bab",
                          help="comma-separated stages, in order (ibp, crown-ibp, attack, alpha-crown, bab, milp)")
     certify.add_argument("--timeout", type=float, default=1000.0, help="seconds per sample (paper: 1000)")
-    certify.add_argument("--start", type=int, default=0, help="first test sample")
-    certify.add_argument("--count", type=int, help="number of test samples (default: all)")
+    _add_sample_options(certify, count_help="number of test samples (default: all)")
     certify.add_argument("--shard", type=_shard, help="k/N: only the samples i with i %% N == k (file verdicts-shard-k-of-N.jsonl)")
     certify.add_argument("--out", help="verdicts folder (default: RUN/certify at the run's test eps, else RUN/certify-eps<E>)")
     certify.add_argument("--batch-size", type=int, default=128, help="samples per cascade batch")
@@ -251,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--apgd", action="store_true", help="also run APGD-CE and APGD-T in the attack stage")
     certify.add_argument("--restart", action="store_true", help="start the verdicts file anew instead of resuming")
     certify.add_argument("--merge", action="store_true", help="merge the shard files in the folder SOURCE and summarize")
-    certify.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
-    certify.add_argument("--threads", type=int, help="torch CPU threads")
-    certify.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    _add_runtime_options(certify)
     certify.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
     certify.set_defaults(run=cmd_certify)
@@ -267,11 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="run folder or checkpoint file")
     export.add_argument("--onnx", required=True, help="output .onnx file")
     export.add_argument("--vnnlib-dir", help="also write prop_<index>.vnnlib files and instances.csv here")
-    export.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
-    export.add_argument("--start", type=int, default=0, help="first test sample")
-    export.add_argument("--count", type=int, default=100, help="number of properties")
+    _add_sample_options(export, count_help="number of properties", count_default=100)
     export.add_argument("--timeout", type=float, default=1000.0, help="timeout written to instances.csv")
-    export.add_argument("--data-dir", help="data folder (default: the run's, $CTBENCH_DATA, ./data)")
+    export.add_argument("--data-dir", help=DATA_DIR_HELP)
     export.set_defaults(run=cmd_export)
 
     presets = commands.add_parser("presets", help="list the shipped presets")

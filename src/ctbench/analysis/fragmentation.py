@@ -36,7 +36,7 @@ from ..bounds.box import Box, linf_box
 from ..bounds.ibp import interval_bounds
 from ..models.ops import ConvOp, LinearOp, Op, ReluOp
 from .tightness import backward_rows, input_shapes
-from .utilization import (ModelOrOps, as_ops, layer_names, ops_dtype_device, relu_indices, relu_pre_activations,
+from .utilization import (ModelOrOps, layer_names, relu_analysis_inputs, relu_indices, relu_pre_activations,
                           to_float_images)
 
 BOUNDS = ("ibp", "crown-ibp")
@@ -224,14 +224,8 @@ def unstable_neurons(model_or_ops: ModelOrOps, images: Tensor | np.ndarray, eps:
     unknown = set(bounds) - set(BOUNDS)
     if unknown:
         raise ValueError(f"unknown bounds {sorted(unknown)}; known: {', '.join(BOUNDS)}")
-    ops = as_ops(model_or_ops)
-    dtype, device = ops_dtype_device(ops)
-    relus = relu_indices(ops)
-    if not relus:
-        raise ValueError("the network has no ReLU layer")
+    ops, dtype, device, relus = relu_analysis_inputs(model_or_ops, images)
     count = len(images)
-    if count == 0:
-        raise ValueError("no images given")
     sampled = _RatioAccumulator(relus)
     ibp = _RatioAccumulator(relus) if "ibp" in bounds else None
     crown_ibp = _RatioAccumulator(relus) if "crown-ibp" in bounds else None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..bounds.crown import relu_indices
 from ..models.ops import LinearOp, ConvOp, ChannelAffineOp, Op, ReluOp, lower_network
 
 ModelOrOps = nn.Module | Sequence[Op]
@@ -49,9 +50,16 @@ def to_float_images(images: Tensor | np.ndarray, dtype: torch.dtype = torch.floa
     return images.to(device=device, dtype=dtype)
 
 
-def relu_indices(ops: Sequence[Op]) -> list[int]:
-    """Op indices of the ReLUs, in network order."""
-    return [index for index, op in enumerate(ops) if isinstance(op, ReluOp)]
+def relu_analysis_inputs(model_or_ops: ModelOrOps, images) -> tuple[tuple[Op, ...], torch.dtype, torch.device, list[int]]:
+    """(ops, dtype, device, ReLU op indices) for an analysis of ReLU activations, checking that
+    there is a ReLU to analyse and an image to analyse it on."""
+    ops = as_ops(model_or_ops)
+    relus = relu_indices(ops)
+    if not relus:
+        raise ValueError("the network has no ReLU layer")
+    if len(images) == 0:
+        raise ValueError("no images given")
+    return (ops, *ops_dtype_device(ops), relus)
 
 
 def relu_pre_activations(ops: Sequence[Op], x: Tensor) -> dict[int, Tensor]:
@@ -101,14 +109,8 @@ def model_utilization(model_or_ops: ModelOrOps, images: Tensor | np.ndarray, bat
         images: (N, C, H, W), uint8 (0..255) or floats in [0, 1].
         batch_size: samples per forward pass.
     """
-    ops = as_ops(model_or_ops)
-    dtype, device = ops_dtype_device(ops)
-    relus = relu_indices(ops)
-    if not relus:
-        raise ValueError("the network has no ReLU layer")
+    ops, dtype, device, relus = relu_analysis_inputs(model_or_ops, images)
     count = len(images)
-    if count == 0:
-        raise ValueError("no images given")
     layer_sums = torch.zeros(len(relus), dtype=torch.float64)
     total_sum = 0.0
     sizes: list[int] = []

@@ -49,6 +49,18 @@ def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, mnist):
     assert "validation" in lines[0] and "train" in lines[0]
 
 
+def test_without_a_validation_split_every_training_image_is_used_and_the_last_epoch_is_handed_on(tmp_path, mnist):
+    config = small_config(extra=["data.validation_size=0", "optim.epochs=2", "attack.steps=2"])
+    trainer = Trainer(config, tmp_path / "run", dataset=mnist)
+    assert len(trainer.train_split) == 512 and len(trainer.validation_split) == 0
+    results = trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["validation"] for line in lines] == [None, None]
+    assert [line["selected"] for line in lines] == [True, True]  # "last": each epoch replaces the one before
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    assert final["epoch"] == 1 and "test" in results
+
+
 def test_run_folder_is_not_overwritten_and_resume_needs_the_same_config(tmp_path, mnist):
     config = small_config(extra=["optim.epochs=1", "eps.ramp_end_epoch=0"])
     Trainer(config, tmp_path / "run", dataset=mnist).fit()

@@ -24,7 +24,7 @@ class DataConfig:
     dataset: str = "mnist"
     data_dir: str | None = None  # default: $CTBENCH_DATA, else ./data (MNIST falls back to the bundled copy)
     download: bool = True
-    validation_size: int = 5000  # carved from the training set for model selection
+    validation_size: int = 5000  # carved from the training set for model selection; 0: none, last epoch
     train_subset: int | None = None  # use only the first N training images (tests, quick runs)
     padding_mode: str = "zeros"  # crop padding: "zeros" (paper) or "replicate" (reference code)
 

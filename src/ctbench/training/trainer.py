@@ -58,11 +58,17 @@ def init_name(config: TrainConfig, method: Method) -> str:
 
 
 def selection_metric(config: TrainConfig, method: Method) -> str:
+    if config.data.validation_size == 0:  # nothing to select on: hand on the last epoch
+        return "last"
     if config.evaluation.selection != "auto":
         return config.evaluation.selection
     if config.method.name == "standard":
         return "natural"
     return "certified" if method.certified else "adversarial"
+
+
+def _as_dict(result: EvaluationResult | None) -> dict | None:
+    return None if result is None else result.as_dict()
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -161,10 +167,10 @@ class Trainer:
             if config.swa.start_epoch is not None and epoch >= config.swa.start_epoch:
                 average.update(self.model)
             validation = self._validate()
-            record["validation"] = validation.as_dict()
-            value = self._selection_value(validation)
+            record["validation"] = _as_dict(validation)
+            value = self._selection_value(validation) if validation is not None else 0.0
             eligible = epoch + 1 >= config.eps.ramp_end_epoch  # only models trained at the full eps
-            if eligible and (value >= best["value"] or self.selection == "last"):
+            if eligible and (self.selection == "last" or value >= best["value"]):
                 best = {"epoch": epoch, "value": value}
                 save_checkpoint(self.run_dir / "best.pt", self._model_record(epoch))
             record["selected"] = best["epoch"] == epoch
@@ -210,7 +216,9 @@ class Trainer:
         evaluation = self.config.evaluation
         return PGDSettings(steps=evaluation.attack_steps, restarts=evaluation.attack_restarts)
 
-    def _validate(self) -> EvaluationResult:
+    def _validate(self) -> EvaluationResult | None:
+        if not len(self.validation_split):
+            return None
         attack = self._attack_settings() if self.selection == "adversarial" else None
         return evaluate(self.model, self.validation_split, self.config.eps.test_eps, self.device,
                         self.config.evaluation.batch_size, attack=attack, crown_ibp=self.selection == "certified")
@@ -242,7 +250,7 @@ class Trainer:
         test = evaluate(self.model, self.dataset.test, config.eps.test_eps, self.device, config.evaluation.batch_size,
                         attack=self._attack_settings(), count=config.evaluation.final_test_count,
                         crown_ibp=self.method.certified)
-        results = {"model": source, "test": test.as_dict(), "validation": self._validate().as_dict(),
+        results = {"model": source, "test": test.as_dict(), "validation": _as_dict(self._validate()),
                    "method": config.method.name, "dataset": config.data.dataset}
         atomic_write_json(self.run_dir / "results.json", results)
         return results

@@ -4,16 +4,20 @@
 
 Reads RUN_DIR/certify/verdicts.jsonl, runs PGD (margin loss, random starts) with the model's
 population statistics on the certified samples, and reports how many of them PGD misclassifies
-(must be 0) and the largest margin it reached.
+(must be 0) and the largest margin it reached. Progress is saved after every batch (atomically)
+to RUN/certify/soundness.json, and a stopped run continues from there.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ctbench.io import atomic_write_json
 
 
 def main() -> None:
@@ -40,8 +44,16 @@ def main() -> None:
     test = load_dataset(config.data.dataset).test
     ops = lower_network(model, detach=True)
     settings = PGDSettings(steps=args.steps, restarts=args.restarts, step_size=0.1, decay_at=(0.5, 0.75))
-    broken, worst, started = [], float("-inf"), time.time()
-    for start in range(0, len(certified), args.batch):
+    progress_path = path.parent / "soundness.json"
+    state = {"run": args.run, "eps": eps, "certified_samples": len(certified), "pgd_steps": args.steps,
+             "pgd_restarts": args.restarts, "attacked": 0, "counterexamples_found": 0, "broken_indices": [],
+             "max_margin_reached": float("-inf"), "seconds": 0.0}
+    if progress_path.exists():
+        saved = json.loads(progress_path.read_text())
+        if all(saved.get(key) == state[key] for key in ("eps", "certified_samples", "pgd_steps", "pgd_restarts")):
+            state = saved
+    started = time.time() - state["seconds"]
+    for start in range(state["attacked"], len(certified), args.batch):
         index = torch.tensor(certified[start:start + args.batch])
         images = test.images[index].float() / 255
         labels = test.labels[index]
@@ -49,11 +61,15 @@ def main() -> None:
         point = pgd_attack(lambda z: run_ops(ops, z), box, labels, settings, loss_fn=margin_loss)
         with torch.no_grad():
             margins = margin_loss(model(point), labels)
-        worst = max(worst, margins.max().item())
-        broken += index[margins > 0].tolist()
-    print(json.dumps({"run": args.run, "eps": eps, "certified_samples_attacked": len(certified),
-                      "pgd_steps": args.steps, "pgd_restarts": args.restarts, "counterexamples_found": len(broken),
-                      "broken_indices": broken, "max_margin_reached": worst, "seconds": time.time() - started}))
+        state["max_margin_reached"] = max(state["max_margin_reached"], margins.max().item())
+        state["broken_indices"] += index[margins > 0].tolist()
+        state["counterexamples_found"] = len(state["broken_indices"])
+        state["attacked"] = min(start + args.batch, len(certified))
+        state["seconds"] = time.time() - started
+        atomic_write_json(progress_path, state)
+        print(f"attacked {state['attacked']}/{len(certified)}, counterexamples {state['counterexamples_found']}",
+              file=sys.stderr, flush=True)
+    print(json.dumps(state))
 
 
 if __name__ == "__main__":

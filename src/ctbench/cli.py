@@ -67,12 +67,12 @@ def load_trained(source: str):
     return model.eval(), config
 
 
-def cmd_evaluate(args) -> int:
+def _load_for_testing(args):
+    """The trained model, its config, the device, the dataset and eps that --device, --threads,
+    --data-dir and --eps select (evaluate and certify)."""
     import torch
 
-    from .attacks import PGDSettings
     from .data import load_dataset
-    from .evaluation import evaluate
     from .training import resolve_device
 
     model, config = load_trained(args.source)
@@ -81,6 +81,16 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device or config.device)
     dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
     eps = config.eps.test_eps if args.eps is None else args.eps
+    return model, config, device, dataset, eps
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from .attacks import PGDSettings
+    from .evaluation import evaluate
+
+    model, config, device, dataset, eps = _load_for_testing(args)
     test = dataset.test.subset(torch.arange(args.start, min(args.start + (args.count or len(dataset.test)), len(dataset.test))))
     attack = PGDSettings(steps=args.steps, restarts=args.restarts) if args.steps > 0 else None
     result = evaluate(model.to(device), test, eps, device, config.evaluation.batch_size, attack=attack,
@@ -98,20 +108,11 @@ def _run_dir(source: str) -> Path:
 
 
 def cmd_certify(args) -> int:
-    import torch
-
     from .certify import AttackSettings, BabSettings, CertifySettings, certify, default_out_dir
-    from .data import load_dataset
-    from .training import resolve_device
 
     if args.merge:
         return _print_merge(Path(args.source), args.json)
-    model, config = load_trained(args.source)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device or config.device)
-    dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
-    eps = config.eps.test_eps if args.eps is None else args.eps
+    model, config, device, dataset, eps = _load_for_testing(args)
     total = len(dataset.test)
     stop = total if args.count is None else min(args.start + args.count, total)
     out = Path(args.out) if args.out else default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)

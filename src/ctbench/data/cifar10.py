@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..models import InputSpec
-from .common import DATA_DIR_ENV, DATASETS, Augmentation, DataError, DatasetInfo, Split, ensure_files
+from .common import DATASETS, Augmentation, DataError, DatasetInfo, Split, ensure_unpacked
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -111,26 +111,10 @@ def _unpack(archive: Path, batches: Path) -> None:
                         f"Delete it and download it again.") from error
 
 
-def _batches_folder(root: Path, download: bool) -> Path:
-    base = root / "cifar10"
-    batches = base / FOLDER
-    names = TRAIN_BATCHES + TEST_BATCHES
-    missing = [name for name in names if not (batches / name).is_file()]
-    if not missing:
-        return batches
-    ensure_files(base, {ARCHIVE: (URL, SHA256)}, "cifar10", download,
-                 hint=f"Alternatively put the unpacked batches ({', '.join(missing)}) in {batches}; "
-                      f"the data folder is the one that holds cifar10/ (${DATA_DIR_ENV} or data.data_dir).")
-    _unpack(base / ARCHIVE, batches)
-    missing = [name for name in names if not (batches / name).is_file()]
-    if missing:
-        raise DataError(f"cifar10: {base / ARCHIVE} holds no {', '.join(f'{FOLDER}/{n}' for n in missing)}. "
-                        f"Delete it and download it again.")
-    return batches
-
-
 def load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
-    batches = _batches_folder(root, download)
+    base = root / "cifar10"
+    batches = ensure_unpacked("cifar10", base, base / FOLDER, TRAIN_BATCHES + TEST_BATCHES, ARCHIVE, (URL, SHA256),
+                              lambda archive: _unpack(archive, base / FOLDER), download)
 
     def split(names: tuple[str, ...]) -> Split:
         parts = [read_batch(batches / name) for name in names]

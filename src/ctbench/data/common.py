@@ -8,7 +8,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,25 @@ def ensure_files(directory: Path, files: dict[str, tuple[str, str]], dataset: st
             f"${DATA_DIR_ENV} or data.data_dir to the folder that holds them, or allow downloading.{hint}")
     for name, (url, sha256) in files.items():
         verify_file(directory / name, sha256)
+
+
+def ensure_unpacked(dataset: str, base: Path, folder: Path, required: Sequence[str], archive: str,
+                    source: tuple[str, str], unpack: Callable[[Path], None], download: bool) -> Path:
+    """``folder`` (under ``base``, the dataset's folder) with every ``required`` file in it: as it
+    is, else unpacked by ``unpack(base / archive)`` from the checksummed archive (``source`` =
+    (url, checksum)), downloaded when allowed; every failure names the files and the fix."""
+    missing = [name for name in required if not (folder / name).exists()]
+    if not missing:
+        return folder
+    ensure_files(base, {archive: source}, dataset, download,
+                 hint=f"Alternatively put the unpacked files in {folder} (missing now: {', '.join(missing)}); "
+                      f"the data folder is the one that holds {base.name}/ (${DATA_DIR_ENV} or data.data_dir).")
+    unpack(base / archive)
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise DataError(f"{dataset}: {base / archive} holds no {', '.join(f'{folder.name}/{n}' for n in missing)}. "
+                        f"Delete it and download it again.")
+    return folder
 
 
 def augment_batch(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:

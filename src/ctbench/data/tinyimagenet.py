@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..models import InputSpec
-from .common import DATA_DIR_ENV, DATASETS, Augmentation, DataError, DatasetInfo, Split, ensure_files
+from .common import DATASETS, Augmentation, DataError, DatasetInfo, Split, ensure_unpacked
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 ARCHIVE = "tiny-imagenet-200.zip"
@@ -115,22 +115,6 @@ def _unpack(archive: Path, base: Path) -> None:
                         f"Delete it and download it again.") from error
 
 
-def _ensure_folder(base: Path, download: bool) -> Path:
-    folder = base / FOLDER
-    missing = [name for name in REQUIRED if not (folder / name).exists()]
-    if not missing:
-        return folder
-    ensure_files(base, {ARCHIVE: (URL, CHECKSUM)}, "tinyimagenet", download,
-                 hint=f"Alternatively unpack it there as {folder} (missing now: {', '.join(missing)}); "
-                      f"the data folder is the one that holds tinyimagenet/ (${DATA_DIR_ENV} or data.data_dir).")
-    _unpack(base / ARCHIVE, base)
-    missing = [name for name in REQUIRED if not (folder / name).exists()]
-    if missing:
-        raise DataError(f"tinyimagenet: {base / ARCHIVE} holds no {', '.join(f'{FOLDER}/{n}' for n in missing)}. "
-                        f"Delete it and download it again.")
-    return folder
-
-
 def _read_wnids(path: Path) -> list[str]:
     wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not wnids:
@@ -209,7 +193,8 @@ def load_tinyimagenet(root: Path, download: bool) -> tuple[Split, Split]:
         cached = _read_cache(cache)
         if cached is not None:
             return cached
-    folder = _ensure_folder(base, download)
+    folder = ensure_unpacked("tinyimagenet", base, folder, REQUIRED, ARCHIVE, (URL, CHECKSUM),
+                             lambda archive: _unpack(archive, base), download)
     wnids = _read_wnids(folder / "wnids.txt")
     train_paths, train_labels, val_paths, val_labels = _list_images(folder, wnids)
     train = Split(_decode_images(train_paths), torch.tensor(train_labels, dtype=torch.int64))

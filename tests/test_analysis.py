@@ -479,14 +479,16 @@ def _saved_run(folder, seed=0):
 
 
 def test_analyze_command_end_to_end(tmp_path, capsys):
-    from ctbench.analysis.cli import main
+    from ctbench.cli import main
 
     run_a, run_b = _saved_run(tmp_path / "a", 0), _saved_run(tmp_path / "b", 1)
     (run_a / "results.json").write_text(json.dumps({"test": {"certified_accuracy": 0.5}}))
-    (run_b / "certify").mkdir()
-    (run_b / "certify" / "verdicts.jsonl").write_text(
-        "".join(json.dumps({"index": i, "verdict": "certified (ibp)" if i % 2 else "unknown"}) + "\n"
-                for i in range(8)))
+    for folder, certified, eps in (("certify", lambda i: i % 2, 0.1), ("certify-ibp", lambda i: i % 4 == 1, 0.1),
+                                   ("certify-eps0.2", lambda i: False, 0.2)):
+        (run_b / folder).mkdir()
+        (run_b / folder / "verdicts.jsonl").write_text(
+            "".join(json.dumps({"index": i, "eps": eps, "verdict": "certified" if certified(i) else "unknown"}) + "\n"
+                    for i in range(8)))
     out = tmp_path / "results"
     common = ["--count", "6", "--out", str(out), "--json"]
     assert main(["analyze", "utilization", str(run_a), str(run_b), *common]) == 0
@@ -499,6 +501,13 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert main(["analyze", "shared-mistakes", str(run_a), str(run_b), *common]) == 0
     shared = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shared["result"]["samples"] == 6 and "verdicts" in shared["sources"][str(run_b)]
+    # two verifiers of one model (Table 15): of samples 0-7, 1 and 5 certified by both, 3 and 7 by one
+    verifiers = [str(run_b / folder / "verdicts.jsonl") for folder in ("certify", "certify-ibp")]
+    assert main(["analyze", "shared-mistakes", *verifiers, "--json"]) == 0
+    shared = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shared["result"]["observed"] == [4, 2, 2]
+    assert main(["analyze", "shared-mistakes", verifiers[0], str(run_b / "certify-eps0.2" / "verdicts.jsonl")]) == 2
+    assert "different eps" in capsys.readouterr().err
     assert main(["analyze", "figures", str(out), "--out", str(tmp_path / "figures")]) == 0
     names = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"fig3_unstable_neurons.png", "fig4_utilization.svg", "fig5_tightness.png", "fig6_ood_mnist.png",

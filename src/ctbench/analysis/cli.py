@@ -9,17 +9,17 @@ Each analysis loads the runs (``load_trained``: model and config), evaluates on 
 them) and writes Figures 3-6 and the Table 2 layout into ``--out`` (default ./figures).
 
 ``shared-mistakes`` takes per-sample verdicts from ``RUN_DIR/certify/verdicts.jsonl`` (lines
-with "index" and "verdict"; certified when the verdict starts with "certified") where that file
-exists, else computes IBP-certified flags on the test set; only samples present for every run
-are counted.
+with "index", "verdict" and "eps"; certified when the verdict starts with "certified") where that
+file exists, else computes IBP-certified flags on the test set; a source may also be a verdicts
+file itself (``RUN_DIR/<folder>/verdicts.jsonl``), so two verifiers of one model compare like two
+models (the paper's Table 15). Only samples present for every source are counted.
 
-Hook into the main parser (``ctbench.cli.build_parser``): ``add_analyze_parser(commands)``.
+``ctbench.cli.build_parser`` adds the command with ``add_analyze_parser(commands)``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +163,18 @@ def _ood(args, loader: _Loader) -> dict:
     return {"analysis": "ood", "entries": entries}
 
 
-def _read_verdicts(path: Path) -> dict[int, bool]:
-    flags = {}
+def _read_verdicts(path: Path) -> tuple[dict[int, bool], float]:
+    """Certified flag per sample index, and the eps of the verdicts."""
+    flags, eps_values = {}, set()
     with open(path) as handle:
         for line in handle:
             if line.strip():
                 record = json.loads(line)
                 flags[int(record["index"])] = str(record["verdict"]).startswith("certified")
-    return flags
+                eps_values.add(record.get("eps"))
+    if len(eps_values) != 1 or None in eps_values:
+        raise ConfigError(f"{path}: expected verdicts at one eps, found {sorted(map(str, eps_values))}")
+    return flags, eps_values.pop()
 
 
 def _ibp_certified(model, split, eps: float, batch_size: int) -> dict[int, bool]:
@@ -193,18 +197,29 @@ def _ibp_certified(model, split, eps: float, batch_size: int) -> dict[int, bool]
     return dict(enumerate(flags))
 
 
+def _verdicts_source(source: str) -> tuple[str, Path | None, str]:
+    """(run folder, verdicts file or None, label). A verdicts file (.jsonl) belongs to the run
+    folder above its own folder, so two verifiers of one model (two --out folders) compare as
+    two sources; a run folder uses RUN/certify/verdicts.jsonl when it exists."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        return str(path.parent.parent), path, f"{path.parent.parent.name}/{path.parent.name}"
+    verdicts = path / "certify" / "verdicts.jsonl"
+    return source, (verdicts if verdicts.is_file() else None), path.name or source
+
+
 def _shared_mistakes(args, loader: _Loader) -> dict:
     import numpy as np
 
     from .shared_mistakes import shared_mistakes
 
-    per_run, infos, sources = [], [], {}
+    per_run, infos, sources, labels = [], [], {}, []
     for source in args.runs:
-        verdicts = Path(source) / "certify" / "verdicts.jsonl"
-        model, config, info = loader.run(source)
+        run, verdicts, label = _verdicts_source(source)
+        model, config, info = loader.run(run)
         eps = loader.eps_values(config)[0]
-        if verdicts.is_file():
-            flags = _read_verdicts(verdicts)
+        if verdicts is not None:
+            flags, eps = _read_verdicts(verdicts)
             sources[source] = f"verdicts: {verdicts}"
         else:
             flags = _ibp_certified(model, loader.test_split(config), eps, args.batch_size or 500)
@@ -213,11 +228,15 @@ def _shared_mistakes(args, loader: _Loader) -> dict:
             flags = {i: v for i, v in flags.items() if i < args.count}
         per_run.append(flags)
         infos.append({**info, "eps": eps})
+        labels.append(label)
+    if len({info["eps"] for info in infos}) > 1:
+        raise ConfigError("the sources certify at different eps: " + ", ".join(f"{label} {info['eps']:g}"
+                                                                             for label, info in zip(labels, infos)))
     common = sorted(set.intersection(*(set(flags) for flags in per_run)))
     if not common:
         raise ConfigError("the runs share no test sample index with a verdict")
     matrix = np.array([[flags[i] for i in common] for flags in per_run], dtype=bool)
-    result = shared_mistakes(matrix, [Path(info["run"]).name or info["run"] for info in infos])
+    result = shared_mistakes(matrix, labels)
     setting = f"{infos[0]['dataset']} eps {infos[0]['eps']:g}"
     return {"analysis": "shared-mistakes", "setting": setting, "runs": infos, "sources": sources,
             "result": result.as_dict()}
@@ -345,15 +364,3 @@ def cmd_analyze(args) -> int:
     else:
         print(_summary(data))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m ctbench.analysis.cli analyze ...``), for use before the hook."""
-    parser = argparse.ArgumentParser(prog="ctbench")
-    add_analyze_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

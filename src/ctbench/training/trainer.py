@@ -243,7 +243,8 @@ class Trainer:
             source = f"SWA over epochs {config.swa.start_epoch}-{config.optim.epochs - 1}"
         elif best["epoch"] is not None:
             load_model_state(self.model, load_checkpoint(self.run_dir / "best.pt")["model"], "best.pt")
-            source = f"epoch {best['epoch']} (best validation {self.selection})"
+            source = (f"epoch {best['epoch']} (the last)" if self.selection == "last"
+                      else f"epoch {best['epoch']} (best validation {self.selection})")
         else:
             source = "last epoch"
         save_checkpoint(self.run_dir / "final.pt", {**self._model_record(best["epoch"]), "source": source})

@@ -99,3 +99,15 @@ def test_folding_batchnorm_changes_neither_outputs_nor_bounds():
     box = linf_box(x, 0.1)
     assert torch.allclose(interval_bounds(folded, box)[-1].lower, interval_bounds(ops, box)[-1].lower)
     assert torch.allclose(interval_bounds(folded, box)[-1].upper, interval_bounds(ops, box)[-1].upper)
+
+
+def test_repeated_boxes_hold_the_copies_in_order_and_keep_channels_last():
+    lower = torch.rand(3, 4, 5, 5)
+    box = Box(lower, lower + 1)
+    channels_last = Box(lower.contiguous(memory_format=torch.channels_last),
+                        (lower + 1).contiguous(memory_format=torch.channels_last))
+    for source, layout in ((box, torch.contiguous_format), (channels_last, torch.channels_last)):
+        tiled, interleaved = source.repeat(2), source.repeat(2, interleave=True)
+        assert torch.equal(tiled.lower, torch.cat([lower, lower])) and torch.equal(tiled.upper, tiled.lower + 1)
+        assert torch.equal(interleaved.lower, lower[[0, 0, 1, 1, 2, 2]])
+        assert all(t.is_contiguous(memory_format=layout) for t in (tiled.lower, interleaved.upper))

@@ -71,8 +71,8 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
                loss_fn: LossFn = cross_entropy_loss, generator: torch.Generator | None = None) -> Tensor:
     """The highest-loss point found in ``box`` for each sample (shape of box.lower), detached."""
     restarts = settings.restarts
-    lower = box.lower.detach().repeat(restarts, *([1] * (box.lower.dim() - 1)))
-    upper = box.upper.detach().repeat(restarts, *([1] * (box.upper.dim() - 1)))
+    expanded = box.detach().repeat(restarts)
+    lower, upper = expanded.lower, expanded.upper
     targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
     width = upper - lower
     if settings.random_start:
@@ -94,7 +94,7 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
         best_point = torch.where(improved.view(-1, *([1] * (point.dim() - 1))), point.detach(), best_point)
         if step_size is None:
             break
-        point = torch.minimum(torch.maximum(point.detach() + step_size * width * gradient.sign(), lower), upper)
+        point = torch.clamp(torch.addcmul(point.detach(), width, gradient.sign(), value=step_size), lower, upper)
     batch = labels.shape[0]
     winner = best_loss.view(restarts, batch).argmax(dim=0)
     best_point = best_point.view(restarts, batch, *best_point.shape[1:])

@@ -26,10 +26,30 @@ class Box:
     def from_center_radius(center: Tensor, radius: Tensor) -> "Box":
         return Box(center - radius, center + radius)
 
+    def detach(self) -> "Box":
+        return Box(self.lower.detach(), self.upper.detach())
+
+    def repeat(self, times: int, interleave: bool = False) -> "Box":
+        """Every sample's box ``times`` times along the batch dim: the whole batch ``times`` over,
+        or with ``interleave`` each sample's copies side by side. A channels-last batch stays
+        channels-last, so that convolutions on the copies convert nothing."""
+
+        def repeated(tensor: Tensor) -> Tensor:
+            result = (tensor.repeat_interleave(times, 0) if interleave
+                      else tensor.repeat(times, *([1] * (tensor.dim() - 1))))
+            return result.contiguous(memory_format=_memory_format(tensor))
+
+        return Box(repeated(self.lower), repeated(self.upper))
+
     def contains(self, x: Tensor, tolerance: float = 0.0) -> Tensor:
         """Per-sample: is every element of x inside the box (up to ``tolerance``)?"""
         inside = (x >= self.lower - tolerance) & (x <= self.upper + tolerance)
         return inside.flatten(1).all(dim=1)
+
+
+def _memory_format(tensor: Tensor) -> torch.memory_format:
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not tensor.is_contiguous() else torch.contiguous_format
 
 
 def linf_box(x: Tensor, eps: float | Tensor, data_min: float = 0.0, data_max: float = 1.0) -> Box:

@@ -83,8 +83,7 @@ def taps_loss(method: Method, step: StepInputs, box: Box, options: TapsOptions) 
     others = torch.arange(classes, device=labels.device).expand(batch, classes)
     targets = others[others != labels[:, None]].view(batch, classes - 1)
     pairs = torch.stack([labels[:, None].expand_as(targets), targets], dim=2).flatten(0, 1)
-    expanded = Box(latent.lower.detach().repeat_interleave(classes - 1, 0),
-                   latent.upper.detach().repeat_interleave(classes - 1, 0))
+    expanded = latent.detach().repeat(classes - 1, interleave=True)
     points = pgd_attack(lambda z: run_ops(attack_head, z), expanded, pairs, method.attack_settings(),
                         loss_fn=_target_margin)
     points = points.view(batch, classes - 1, *points.shape[1:])

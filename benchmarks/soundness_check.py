@@ -5,7 +5,7 @@
 Reads RUN_DIR/certify/verdicts.jsonl, runs PGD (margin loss, random starts) with the model's
 population statistics on the certified samples, and reports how many of them PGD misclassifies
 (must be 0) and the largest margin it reached. Progress is saved after every batch (atomically)
-to RUN/certify/soundness.json, and a stopped run continues from there.
+to soundness.json beside the verdicts file, and a stopped run continues from there.
 """
 from __future__ import annotations
 

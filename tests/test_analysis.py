@@ -508,6 +508,8 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert shared["result"]["observed"] == [4, 2, 2]
     assert main(["analyze", "shared-mistakes", verifiers[0], str(run_b / "certify-eps0.2" / "verdicts.jsonl")]) == 2
     assert "different eps" in capsys.readouterr().err
+    assert main(["analyze", "shared-mistakes", *verifiers, "--eps", "0.3"]) == 2
+    assert "not the --eps 0.3" in capsys.readouterr().err
     assert main(["analyze", "figures", str(out), "--out", str(tmp_path / "figures")]) == 0
     names = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"fig3_unstable_neurons.png", "fig4_utilization.svg", "fig5_tightness.png", "fig6_ood_mnist.png",

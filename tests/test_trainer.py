@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctbench.cli import main
-from ctbench.config import apply_overrides, config_from_dict
+from ctbench.config import ConfigError, apply_overrides, config_from_dict
 from ctbench.presets import preset_data
 from ctbench.training import CheckpointError, Trainer
 
@@ -59,6 +59,8 @@ def test_without_a_validation_split_every_training_image_is_used_and_the_last_ep
     assert [line["selected"] for line in lines] == [True, True]  # "last": each epoch replaces the one before
     final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
     assert final["epoch"] == 1 and "test" in results
+    with pytest.raises(ConfigError, match="needs a validation split"):
+        small_config(extra=["data.validation_size=0", "evaluation.selection=certified"])
 
 
 def test_run_folder_is_not_overwritten_and_resume_needs_the_same_config(tmp_path, mnist):

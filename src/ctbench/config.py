@@ -243,6 +243,9 @@ def validate(config: TrainConfig) -> None:
     if config.evaluation.selection not in ("auto", "certified", "adversarial", "natural", "last"):
         raise ConfigError(f"evaluation.selection: unknown {config.evaluation.selection!r}; "
                           "use auto, certified, adversarial, natural or last")
+    if config.data.validation_size == 0 and config.evaluation.selection not in ("auto", "last"):
+        raise ConfigError(f"evaluation.selection={config.evaluation.selection} needs a validation split, but "
+                          "data.validation_size is 0; set a size, or selection auto/last (the last epoch)")
     if config.memory_format not in ("channels_last", "contiguous"):
         raise ConfigError(f"memory_format: use channels_last or contiguous, got {config.memory_format!r}")
     if config.attack.precision not in ("float32", "bfloat16", "float16"):

@@ -220,6 +220,8 @@ def _shared_mistakes(args, loader: _Loader) -> dict:
         eps = loader.eps_values(config)[0]
         if verdicts is not None:
             flags, eps = _read_verdicts(verdicts)
+            if args.eps and eps != args.eps[0]:
+                raise ConfigError(f"{verdicts} holds verdicts at eps {eps:g}, not the --eps {args.eps[0]:g} asked for")
             sources[source] = f"verdicts: {verdicts}"
         else:
             flags = _ibp_certified(model, loader.test_split(config), eps, args.batch_size or 500)

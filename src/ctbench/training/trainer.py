@@ -58,10 +58,10 @@ def init_name(config: TrainConfig, method: Method) -> str:
 
 
 def selection_metric(config: TrainConfig, method: Method) -> str:
-    if config.data.validation_size == 0:  # nothing to select on: hand on the last epoch
-        return "last"
     if config.evaluation.selection != "auto":
         return config.evaluation.selection
+    if config.data.validation_size == 0:  # nothing to select on: hand on the last epoch
+        return "last"
     if config.method.name == "standard":
         return "natural"
     return "certified" if method.certified else "adversarial"

@@ -125,6 +125,16 @@ def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
     assert test["certified_accuracy"] <= test["crown_ibp_certified_accuracy"] <= test["adversarial_accuracy"]
     assert test["natural_accuracy"] > 0.7 and test["certified_accuracy"] > 0.45
     assert main(["evaluate", str(tmp_path / "run"), "--count", "500", "--json"]) == 0
+    # two worker processes, each certifying a shard, merge into what one process finds
+    summaries = {}
+    for workers in (1, 2):
+        out = tmp_path / f"certify-{workers}"
+        assert main(["certify", str(tmp_path / "run"), "--count", "80", "--stages", "ibp,crown-ibp", "--quiet",
+                     "--workers", str(workers), "--out", str(out)]) == 0
+        summaries[workers] = json.loads((out / "summary.json").read_text())
+    assert summaries[2]["shards"] == {"of-2": {"found": [0, 1], "missing": []}}
+    for key in ("samples", "counts", "certified_by_stage"):
+        assert summaries[2][key] == summaries[1][key]
 
 
 def test_swa_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_path, mnist):

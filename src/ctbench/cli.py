@@ -107,31 +107,104 @@ def _run_dir(source: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def cmd_certify(args) -> int:
-    from .certify import AttackSettings, BabSettings, CertifySettings, certify, default_out_dir
+def _certify_settings(args):
+    from .certify import AttackSettings, BabSettings, CertifySettings
 
-    if args.merge:
-        return _print_merge(Path(args.source), args.json)
-    model, config, device, dataset, eps = _load_for_testing(args)
-    total = len(dataset.test)
-    stop = total if args.count is None else min(args.start + args.count, total)
-    out = Path(args.out) if args.out else default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)
-    settings = CertifySettings(
+    return CertifySettings(
         batch_size=args.batch_size,
         attack=AttackSettings(pgd_steps=args.attack_steps, pgd_restarts=args.attack_restarts,
                               apgd_ce=args.apgd, apgd_t=args.apgd),
         bab=BabSettings(timeout=args.timeout))
+
+
+def _certify_out(args, config, eps) -> Path:
+    from .certify import default_out_dir
+
+    return Path(args.out) if args.out else default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)
+
+
+def cmd_certify(args) -> int:
+    from .certify import certify
+
+    if args.merge:
+        return _print_merge(Path(args.source), args.json)
+    if args.workers != 1:
+        return _certify_with_workers(args)
+    model, config, device, dataset, eps = _load_for_testing(args)
+    total = len(dataset.test)
+    stop = total if args.count is None else min(args.start + args.count, total)
     progress = None
     if not args.quiet:
         bar = _progress(None, stop - args.start, "certify")
         progress = lambda done, count: (setattr(bar, "total", count), bar.update(done - bar.n))  # noqa: E731
     result = certify(model, dataset.test, eps, stages=args.stages, timeout=args.timeout,
-                     indices=range(args.start, stop), out_dir=out, shard=args.shard, settings=settings,
-                     device=device, resume=not args.restart, progress=progress)
+                     indices=range(args.start, stop), out_dir=_certify_out(args, config, eps), shard=args.shard,
+                     settings=_certify_settings(args), device=device, resume=not args.restart, progress=progress)
     if not args.quiet:
         bar.close()
-    _print_certify_summary(result.summary, result.path, args.json)
+    if not vars(args).get("worker"):
+        _print_certify_summary(result.summary, result.path, args.json)
     return 0
+
+
+def _certify_shard_worker(args) -> None:
+    """One worker process of ``certify --workers N``: shard ``args.shard``, quiet."""
+    sys.exit(main_with_args(args))
+
+
+def _certify_with_workers(args) -> int:
+    """``certify --workers N``: N processes certify the shards k/N into one folder, splitting the
+    CPU threads between them; the parent follows their files, then merges them. The per-sample
+    stages (branch and bound) are sequential, so shards in parallel are what uses every core."""
+    import multiprocessing
+    import os
+    import time
+    from argparse import Namespace
+
+    from .certify import merge
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.shard is not None:
+        raise ConfigError("--workers runs the shards k/N itself; drop --shard (or --workers to run one shard)")
+    if args.out is None:
+        _, config = load_trained(args.source)
+        eps = config.eps.test_eps if args.eps is None else args.eps
+        out = _certify_out(args, config, eps)
+    else:
+        out = Path(args.out)
+    threads = max(1, (args.threads or os.cpu_count() or 1) // args.workers)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    workers = []
+    for k in range(args.workers):
+        shard_args = Namespace(**{**vars(args), "shard": f"{k}/{args.workers}", "workers": 1, "threads": threads,
+                                  "out": str(out), "quiet": True, "worker": True})
+        worker = context.Process(target=_certify_shard_worker, args=(shard_args,), name=f"certify-shard-{k}")
+        worker.start()
+        workers.append(worker)
+    bar = None if args.quiet else _progress(None, args.count, "certify")
+    while any(worker.is_alive() for worker in workers):
+        time.sleep(1.0)
+        if bar is not None:
+            done = sum(_count_lines(path) for path in out.glob(f"verdicts-shard-*-of-{args.workers}.jsonl"))
+            bar.update(done - bar.n)
+    if bar is not None:
+        bar.close()
+    failed = [k for k, worker in enumerate(workers) if worker.exitcode != 0]
+    if failed:
+        print(f"ctbench: error: certify shards {failed} of {args.workers} failed (their errors are above); "
+              f"the verdicts so far are kept in {out}: run the same command again to resume", file=sys.stderr)
+        return 1
+    _print_certify_summary(merge(out).summary, out / "verdicts.jsonl", args.json)
+    return 0
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
 
 
 def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
@@ -256,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--timeout", type=float, default=1000.0, help="seconds per sample (paper: 1000)")
     _add_sample_options(certify, count_help="number of test samples (default: all)")
     certify.add_argument("--shard", type=_shard, help="k/N: only the samples i with i %% N == k (file verdicts-shard-k-of-N.jsonl)")
+    certify.add_argument("--workers", type=int, default=1,
+                         help="processes certifying the shards k/N in parallel, then merged; --threads is split between them")
     certify.add_argument("--out", help="verdicts folder (default: RUN/certify at the run's test eps, else RUN/certify-eps<E>)")
     certify.add_argument("--batch-size", type=int, default=128, help="samples per cascade batch")
     certify.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the attack stage")
@@ -293,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return main_with_args(build_parser().parse_args(argv))
+
+
+def main_with_args(args) -> int:
     from .certify.verdicts import InvalidVerdict
     from .training import CheckpointError
 

@@ -7,7 +7,7 @@ from ctbench.config import config_from_dict
 from ctbench.methods import METHODS, StepInputs
 from ctbench.methods.taps import linked_point, split_index, taps_loss
 from ctbench.models import InputSpec, build_model, initialize
-from ctbench.models.ops import ReluOp, clean_forward, lower_network
+from ctbench.models.ops import FlattenOp, ReluOp, clean_forward, lower_network
 from ctbench.bounds import Box
 from ctbench.training import make_method
 
@@ -119,6 +119,7 @@ def test_taps_split_keeps_the_requested_relu_layers_in_the_head():
     for size in (1, 2, 3):
         head = ops[split_index(ops, size):]
         assert sum(isinstance(op, ReluOp) for op in head) == size
+        assert not isinstance(head[0], FlattenOp)  # the attack runs on flat latent points
     with pytest.raises(ValueError, match="classifier_size"):
         split_index(ops, 4)  # CNN5 has 4 ReLU layers: nothing would be left to bound with IBP
 

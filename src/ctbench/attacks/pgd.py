@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bounds.box import Box
+from ..bounds.box import Box, box_memory_format
 
 LogitsFn = Callable[[Tensor], Tensor]
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,33 +69,43 @@ def _step_sizes(settings: PGDSettings) -> list[float]:
 
 def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSettings,
                loss_fn: LossFn = cross_entropy_loss, generator: torch.Generator | None = None) -> Tensor:
-    """The highest-loss point found in ``box`` for each sample (shape of box.lower), detached."""
-    restarts = settings.restarts
-    expanded = box.detach().repeat(restarts)
-    lower, upper = expanded.lower, expanded.upper
-    targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
+    """The highest-loss point found in ``box`` for each sample (shape of box.lower), detached.
+
+    The restarts are one batch of restarts x B points; the box is not copied per restart but
+    broadcast over a (restarts, B, ...) view of the points, and each step updates the points in
+    place (sign step, projection, keeping the best rows), which matters when the box is large
+    (TAPS attacks the latent box of every margin)."""
+    restarts, batch = settings.restarts, labels.shape[0]
+    lower, upper = box.lower.detach(), box.upper.detach()
     width = upper - lower
+    buffer = torch.empty((restarts * batch, *lower.shape[1:]), dtype=lower.dtype, device=lower.device,
+                        memory_format=box_memory_format(lower))
+    points = buffer.view(restarts, *lower.shape)  # the same storage, one row of boxes per restart
     if settings.random_start:
-        point = lower + torch.rand(lower.shape, generator=generator, dtype=lower.dtype, device=lower.device) * width
+        buffer.uniform_(generator=generator)
+        points.mul_(width).add_(lower)
     else:
-        point = lower + width / 2
-    best_point = point.clone()
+        points.copy_((lower + width / 2).expand_as(points))
+    targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
+    best_point = buffer.clone()
     dtype = PRECISIONS[settings.precision]
-    autocast = torch.autocast(point.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    autocast = torch.autocast(buffer.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     best_loss = torch.full((targets.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
     for step_size in _step_sizes(settings) + [None]:
-        point.requires_grad_(True)
-        with torch.enable_grad(), autocast:
+        last = step_size is None  # only scored
+        point = buffer.detach().requires_grad_(not last)  # the graph of each step is freed before the update
+        with torch.set_grad_enabled(not last), autocast:
             loss = loss_fn(logits_fn(point).float(), targets)
-            gradient = torch.autograd.grad(loss.sum(), point)[0] if step_size is not None else None
+            gradient = None if last else torch.autograd.grad(loss.sum(), point)[0]
         loss = loss.detach().to(best_loss.dtype)
         improved = loss > best_loss
         best_loss = torch.where(improved, loss, best_loss)
-        best_point = torch.where(improved.view(-1, *([1] * (point.dim() - 1))), point.detach(), best_point)
-        if step_size is None:
+        torch.where(improved.view(-1, *([1] * (buffer.dim() - 1))), buffer, best_point, out=best_point)
+        if last:
             break
-        point = torch.clamp(torch.addcmul(point.detach(), width, gradient.sign(), value=step_size), lower, upper)
-    batch = labels.shape[0]
+        points.addcmul_(width, gradient.sign_().view_as(points), value=step_size)
+        torch.maximum(points, lower, out=points)
+        torch.minimum(points, upper, out=points)
     winner = best_loss.view(restarts, batch).argmax(dim=0)
     best_point = best_point.view(restarts, batch, *best_point.shape[1:])
     return best_point[winner, torch.arange(batch, device=labels.device)]

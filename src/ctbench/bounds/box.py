@@ -37,7 +37,7 @@ class Box:
         def repeated(tensor: Tensor) -> Tensor:
             result = (tensor.repeat_interleave(times, 0) if interleave
                       else tensor.repeat(times, *([1] * (tensor.dim() - 1))))
-            return result.contiguous(memory_format=_memory_format(tensor))
+            return result.contiguous(memory_format=box_memory_format(tensor))
 
         return Box(repeated(self.lower), repeated(self.upper))
 
@@ -47,7 +47,8 @@ class Box:
         return inside.flatten(1).all(dim=1)
 
 
-def _memory_format(tensor: Tensor) -> torch.memory_format:
+def box_memory_format(tensor: Tensor) -> torch.memory_format:
+    """channels_last for a channels-last batch of images, else contiguous."""
     channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last and not tensor.is_contiguous() else torch.contiguous_format
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..attacks import pgd_attack
 from ..bounds import Box, ibp_margin_lower, interval_bounds, worst_case_logits
-from ..models.ops import Op, ReluOp, run_ops
+from ..models.ops import FlattenOp, Op, ReluOp, run_ops
 from .base import METHODS, Method, RobustLoss, StepInputs
 from .ibp import ibp_loss
 
@@ -44,12 +44,15 @@ class TapsOptions:
 
 def split_index(ops: Sequence[Op], classifier_size: int) -> int:
     """Index of the first op of the head, the part after the ReLU that precedes the last
-    ``classifier_size`` ReLU layers."""
+    ``classifier_size`` ReLU layers (and after a Flatten right behind that ReLU)."""
     relus = [index for index, op in enumerate(ops) if isinstance(op, ReluOp)]
     if classifier_size >= len(relus):
         raise ValueError(f"method.classifier_size={classifier_size} leaves no feature extractor: the network has "
                          f"{len(relus)} ReLU layers")
-    return relus[-classifier_size - 1] + 1
+    index = relus[-classifier_size - 1] + 1
+    while index < len(ops) and isinstance(ops[index], FlattenOp):
+        index += 1  # the extractor flattens once, the attack steps then see flat latent points
+    return index
 
 
 def scale_gradient(tensor: Tensor, scale: float) -> Tensor:

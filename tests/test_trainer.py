@@ -126,15 +126,19 @@ def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
     assert test["natural_accuracy"] > 0.7 and test["certified_accuracy"] > 0.45
     assert main(["evaluate", str(tmp_path / "run"), "--count", "500", "--json"]) == 0
     # two worker processes, each certifying a shard, merge into what one process finds
-    summaries = {}
-    for workers in (1, 2):
-        out = tmp_path / f"certify-{workers}"
-        assert main(["certify", str(tmp_path / "run"), "--count", "80", "--stages", "ibp,crown-ibp", "--quiet",
-                     "--workers", str(workers), "--out", str(out)]) == 0
-        summaries[workers] = json.loads((out / "summary.json").read_text())
-    assert summaries[2]["shards"] == {"of-2": {"found": [0, 1], "missing": []}}
+    def certify_summary(out: str, *options: str) -> dict:
+        assert main(["certify", str(tmp_path / "run"), "--count", "80", "--quiet", "--out", str(tmp_path / out),
+                     *options]) == 0
+        return json.loads((tmp_path / out / "summary.json").read_text())
+
+    one = certify_summary("certify-1", "--stages", "ibp,crown-ibp")
+    two = certify_summary("certify-2", "--stages", "ibp,crown-ibp", "--workers", "2")
+    assert two["shards"] == {"of-2": {"found": [0, 1], "missing": []}}
     for key in ("samples", "counts", "certified_by_stage"):
-        assert summaries[2][key] == summaries[1][key]
+        assert two[key] == one[key]
+    # a restart with other stages replaces the merged verdicts instead of conflicting with them
+    again = certify_summary("certify-2", "--stages", "ibp", "--workers", "2", "--restart")
+    assert again["samples"] == 80 and set(again["certified_by_stage"]) == {"ibp"}
 
 
 def test_swa_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_path, mnist):

@@ -162,6 +162,7 @@ def _certify_with_workers(args) -> int:
     from argparse import Namespace
 
     from .certify import merge
+    from .certify.cascade import VERDICTS_FILE
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -173,6 +174,8 @@ def _certify_with_workers(args) -> int:
         out = _certify_out(args, config, eps)
     else:
         out = Path(args.out)
+    if args.restart:  # the merged file of an earlier run would be merged again with the new shards
+        (out / VERDICTS_FILE).unlink(missing_ok=True)
     threads = max(1, (args.threads or os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     workers = []
@@ -195,7 +198,7 @@ def _certify_with_workers(args) -> int:
         print(f"ctbench: error: certify shards {failed} of {args.workers} failed (their errors are above); "
               f"the verdicts so far are kept in {out}: run the same command again to resume", file=sys.stderr)
         return 1
-    _print_certify_summary(merge(out).summary, out / "verdicts.jsonl", args.json)
+    _print_certify_summary(merge(out).summary, out / VERDICTS_FILE, args.json)
     return 0
 
 

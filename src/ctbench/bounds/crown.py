@@ -253,11 +253,9 @@ def _backward_relu(op: ReluOp, bound: LinearBound, ctx: BackwardContext) -> Line
     if relax is None:
         raise ValueError("a ReLU needs pre-activation bounds (intermediate) for backward propagation")
     A = bound.A
-    # A_in = A+ * lower_slope + A- * upper_slope, as one slope choice and one product: A is the
-    # largest tensor of the bound, and every pass over it counts (also in the backward pass).
-    A_in = A * torch.where(A >= 0, relax.lower_slope, relax.upper_slope)
-    intercept = relax.upper_intercept.flatten(2).transpose(1, 2)  # (B, N, 1): one upper line per neuron
-    bias = bound.bias + A.clamp(max=0).flatten(2).matmul(intercept).squeeze(-1)
+    positive, negative = A.clamp(min=0), A.clamp(max=0)
+    A_in = positive * relax.lower_slope + negative * relax.upper_slope
+    bias = bound.bias + (negative * relax.upper_intercept).flatten(2).sum(-1)
     return LinearBound(A_in, bias)
 
 

@@ -61,6 +61,36 @@ def test_restarts_never_do_worse_than_one_restart_from_the_same_stream():
     assert (cross_entropy_loss(model(many), y) >= cross_entropy_loss(model(one), y) - 1e-6).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_in_place_restarts_equal_a_plain_pgd_loop(channels_last):
+    """The restarts share one broadcast box and step in place; from the box centre every restart
+    must follow exactly the path of a plain, out-of-place PGD on its own sample's box."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 5 * 5, 3))
+    x, y = torch.rand(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    box = linf_box(x, 0.2)
+    settings = PGDSettings(steps=6, restarts=3, random_start=False)
+    found = pgd_attack(model, box, y, settings)
+
+    point, best, best_loss = box.center, box.center, torch.full((6,), float("-inf"))
+    sizes = [0.25] * 3 + [0.125] * 2 + [0.0625]  # step_size 0.25, halved from step 3 (50%) and 4.5 (75%) on
+    for size in sizes + [None]:
+        point = point.detach().requires_grad_(True)
+        loss = cross_entropy_loss(model(point), y)
+        better = loss.detach() > best_loss
+        best = torch.where(better.view(-1, 1, 1, 1), point.detach(), best)
+        best_loss = torch.maximum(best_loss, loss.detach())
+        if size is None:
+            break
+        gradient = torch.autograd.grad(loss.sum(), point)[0]
+        point = torch.clamp(point.detach() + size * (box.upper - box.lower) * gradient.sign(), box.lower, box.upper)
+    assert torch.allclose(found, best, atol=1e-6)
+    assert box.contains(found).all()
+
+
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="restarts"):
         PGDSettings(restarts=0)

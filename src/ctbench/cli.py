@@ -80,8 +80,12 @@ def _load_for_testing(args):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device or config.device)
     dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
-    eps = config.eps.test_eps if args.eps is None else args.eps
-    return model, config, device, dataset, eps
+    return model, config, device, dataset, _eps(args, config)
+
+
+def _eps(args, config) -> float:
+    """--eps, else the run's test eps."""
+    return config.eps.test_eps if args.eps is None else args.eps
 
 
 def cmd_evaluate(args) -> int:
@@ -142,14 +146,19 @@ def cmd_certify(args) -> int:
                      settings=_certify_settings(args), device=device, resume=not args.restart, progress=progress)
     if not args.quiet:
         bar.close()
-    if not vars(args).get("worker"):
-        _print_certify_summary(result.summary, result.path, args.json)
+    _print_certify_summary(result.summary, result.path, args.json)
     return 0
 
 
 def _certify_shard_worker(args) -> None:
-    """One worker process of ``certify --workers N``: shard ``args.shard``, quiet."""
-    sys.exit(main_with_args(args))
+    """One worker process of ``certify --workers N``: shard ``args.shard``. Its summary is not
+    printed (the parent prints the merged one); its errors still reach stderr."""
+    import contextlib
+    import os
+
+    with open(os.devnull, "w") as silent, contextlib.redirect_stdout(silent):
+        code = main_with_args(args)
+    sys.exit(code)
 
 
 def _certify_with_workers(args) -> int:
@@ -170,8 +179,7 @@ def _certify_with_workers(args) -> int:
         raise ConfigError("--workers runs the shards k/N itself; drop --shard (or --workers to run one shard)")
     if args.out is None:
         _, config = load_trained(args.source)
-        eps = config.eps.test_eps if args.eps is None else args.eps
-        out = _certify_out(args, config, eps)
+        out = _certify_out(args, config, _eps(args, config))
     else:
         out = Path(args.out)
     if args.restart:  # the merged file of an earlier run would be merged again with the new shards
@@ -181,7 +189,7 @@ def _certify_with_workers(args) -> int:
     workers = []
     for k in range(args.workers):
         shard_args = Namespace(**{**vars(args), "shard": f"{k}/{args.workers}", "workers": 1, "threads": threads,
-                                  "out": str(out), "quiet": True, "worker": True})
+                                  "out": str(out), "quiet": True})
         worker = context.Process(target=_certify_shard_worker, args=(shard_args,), name=f"certify-shard-{k}")
         worker.start()
         workers.append(worker)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ def _shared_mistakes(args, loader: _Loader) -> dict:
         eps = loader.eps_values(config)[0]
         if verdicts is not None:
             flags, eps = _read_verdicts(verdicts)
-            if args.eps and eps != args.eps[0]:
+            if args.eps and not math.isclose(eps, args.eps[0], rel_tol=1e-9):
                 raise ConfigError(f"{verdicts} holds verdicts at eps {eps:g}, not the --eps {args.eps[0]:g} asked for")
             sources[source] = f"verdicts: {verdicts}"
         else:

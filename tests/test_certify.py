@@ -19,8 +19,8 @@ from ctbench.bounds.box import linf_box
 from ctbench.bounds.crown import alpha_crown, crown_bounds, intermediate_bounds
 from ctbench.bounds.ibp import ibp_margin_lower
 from ctbench.certify import (
-    BabSettings, BranchAndBound, CertifySettings, InvalidCounterexample, InvalidVerdict, SafetyMargin, Shard,
-    Verdict, VerdictBook, VerdictConflict, certify, check_counterexample, falsified_verdict, merge, read_verdicts,
+    BabSettings, BranchAndBound, CertifySettings, InvalidCounterexample, InvalidVerdict, Provenance,
+    ProvenanceMismatch, SafetyMargin, Shard, Verdict, VerdictBook, VerdictConflict, certify, check_counterexample, falsified_verdict, merge, read_verdicts,
 )
 from ctbench.certify.milp import highspy_available, network_milp, solve
 from ctbench.certify.soundness import float64_box, float64_ops, margin_rows, min_other
@@ -367,7 +367,8 @@ FAST = CertifySettings(batch_size=8, attack=AttackSettings(pgd_steps=10, pgd_res
 
 
 def comparable(summary: dict) -> dict:
-    return {key: value for key, value in summary.items() if "seconds" not in key and key != "shards"}
+    return {key: value for key, value in summary.items()
+            if "seconds" not in key and key not in ("shards", "shard", "provenance")}
 
 
 def test_cascade_verdicts_are_exact_and_consistent(tmp_path):
@@ -411,7 +412,7 @@ def test_resume_skips_done_indices_and_tolerates_a_partial_line(tmp_path):
     assert [v.index for v in second.verdicts] == list(range(12))
     assert second.verdicts[:6] == first.verdicts
     assert all(line.startswith("{") and line.endswith("}") for line in text.splitlines())
-    with pytest.raises(InvalidVerdict):  # resuming at another eps into the same folder
+    with pytest.raises(ProvenanceMismatch, match="eps: 0.1 here, 0.3 there"):  # another eps, same folder
         certify(model, (x, labels), 0.1, out_dir=tmp_path, settings=FAST)
 
 
@@ -432,8 +433,10 @@ def test_shards_merge_into_the_same_summary(tmp_path):
 
 
 def test_conflicting_merge_raises(tmp_path):
-    certified = Verdict(index=4, verdict="certified", stage="ibp", margin_lower=0.5)
-    falsified = Verdict(index=4, verdict="falsified", stage="attack", counterexample=[0.1, 0.2])
+    provenance = Provenance(model="0" * 16, eps=0.1, data="mnist/test@" + "1" * 16, settings="2" * 12, version="x")
+    certified = Verdict(index=4, verdict="certified", stage="ibp", margin_lower=0.5, provenance=provenance)
+    falsified = Verdict(index=4, verdict="falsified", stage="attack", counterexample=[0.1, 0.2],
+                        provenance=provenance)
     (tmp_path / "verdicts-shard-0-of-2.jsonl").write_text(json.dumps(certified.to_json()) + "\n")
     (tmp_path / "verdicts-shard-1-of-2.jsonl").write_text(json.dumps(falsified.to_json()) + "\n")
     with pytest.raises(VerdictConflict):

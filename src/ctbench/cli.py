@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 from .config import ConfigError, config_from_dict
@@ -115,7 +116,7 @@ def _certify_settings(args):
     from .certify import AttackSettings, BabSettings, CertifySettings
 
     return CertifySettings(
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, cross_check=args.cross_check,
         attack=AttackSettings(pgd_steps=args.attack_steps, pgd_restarts=args.attack_restarts,
                               apgd_ce=args.apgd, apgd_t=args.apgd),
         bab=BabSettings(timeout=args.timeout))
@@ -136,6 +137,8 @@ def cmd_certify(args) -> int:
         return _certify_with_workers(args)
     model, config, device, dataset, eps = _load_for_testing(args)
     total = len(dataset.test)
+    if args.start >= total:
+        raise ConfigError(f"--start {args.start} is past the last test sample ({total - 1})")
     stop = total if args.count is None else min(args.start + args.count, total)
     progress = None
     if not args.quiet:
@@ -143,7 +146,8 @@ def cmd_certify(args) -> int:
         progress = lambda done, count: (setattr(bar, "total", count), bar.update(done - bar.n))  # noqa: E731
     result = certify(model, dataset.test, eps, stages=args.stages, timeout=args.timeout,
                      indices=range(args.start, stop), out_dir=_certify_out(args, config, eps), shard=args.shard,
-                     settings=_certify_settings(args), device=device, resume=not args.restart, progress=progress)
+                     settings=_certify_settings(args), device=device, resume=not args.restart, progress=progress,
+                     data_name=f"{config.data.dataset}/test")
     if not args.quiet:
         bar.close()
     _print_certify_summary(result.summary, result.path, args.json)
@@ -171,7 +175,7 @@ def _certify_with_workers(args) -> int:
     from argparse import Namespace
 
     from .certify import merge
-    from .certify.cascade import VERDICTS_FILE
+    from .certify.cascade import SUMMARY_FILE, VERDICTS_FILE
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -182,8 +186,9 @@ def _certify_with_workers(args) -> int:
         out = _certify_out(args, config, _eps(args, config))
     else:
         out = Path(args.out)
-    if args.restart:  # the merged file of an earlier run would be merged again with the new shards
+    if args.restart:  # the merged file and summary of an earlier run would be merged again with the new shards
         (out / VERDICTS_FILE).unlink(missing_ok=True)
+        (out / SUMMARY_FILE).unlink(missing_ok=True)
     threads = max(1, (args.threads or os.cpu_count() or 1) // args.workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     workers = []
@@ -224,6 +229,13 @@ def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
         return
     counts = summary["counts"]
     stages = ", ".join(f"{stage} {count}" for stage, count in summary["certified_by_stage"].items()) or "none"
+    if not summary["complete"]:
+        print(f"INCOMPLETE: {summary['missing']} of {summary['samples']} requested samples have no verdict yet, so no "
+              f"accuracy is final. Decided so far: certified {counts['certified']} ({stages}), falsified "
+              f"{counts['falsified']}, unknown {counts['unknown']}, wrong {counts['wrong']}")
+        if path is not None:
+            print(f"verdicts: {path}")
+        return
     print(f"{summary['samples']} samples at eps {summary['eps']}: natural {_percent(summary['natural_accuracy'])}  "
           f"certified {_percent(summary['certified_accuracy'])} ({stages})  "
           f"adversarial {_percent(summary['adversarial_accuracy'])}  "
@@ -231,6 +243,40 @@ def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
           f"time {summary['seconds_total']:.1f} s")
     if path is not None:
         print(f"verdicts: {path}")
+
+
+def _radius(text: str) -> float:
+    """An eps on the command line: a decimal or a fraction (8/255), finite and >= 0."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {text!r}")
+    return value
+
+
+def _integer_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 def _shard(text: str) -> str:
@@ -253,7 +299,7 @@ def _print_merge(folder: Path, as_json: bool) -> int:
         for name, shards in result.summary["shards"].items():
             if shards["missing"]:
                 print(f"shards {name}: missing {shards['missing']}")
-    return 0
+    return 0 if result.summary["complete"] else 3
 
 
 def cmd_certify_merge(args) -> int:
@@ -297,9 +343,9 @@ DATA_DIR_HELP = "data folder (default: the run's, $CTBENCH_DATA, ./data)"
 
 def _add_sample_options(parser: argparse.ArgumentParser, count_help: str, count_default: int | None = None) -> None:
     """--eps, --start, --count: which test samples, at which radius."""
-    parser.add_argument("--eps", type=float, help="perturbation radius (default: the run's test eps)")
-    parser.add_argument("--start", type=int, default=0, help="first test sample")
-    parser.add_argument("--count", type=int, default=count_default, help=count_help)
+    parser.add_argument("--eps", type=_radius, help="perturbation radius, e.g. 0.1 or 8/255 (default: the run's test eps)")
+    parser.add_argument("--start", type=_integer_at_least(0), default=0, help="first test sample")
+    parser.add_argument("--count", type=_integer_at_least(1), default=count_default, help=count_help)
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -337,15 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("source", help="run folder or checkpoint file (with --merge: a verdicts folder)")
     certify.add_argument("--stages", default="ibp,crown-ibp,attack,alpha-crown,bab",
                          help="comma-separated stages, in order (ibp, crown-ibp, attack, alpha-crown, bab, milp)")
-    certify.add_argument("--timeout", type=float, default=1000.0, help="seconds per sample (paper: 1000)")
+    certify.add_argument("--timeout", type=_seconds, default=1000.0, help="seconds per sample (paper: 1000)")
     _add_sample_options(certify, count_help="number of test samples (default: all)")
     certify.add_argument("--shard", type=_shard, help="k/N: only the samples i with i %% N == k (file verdicts-shard-k-of-N.jsonl)")
-    certify.add_argument("--workers", type=int, default=1,
+    certify.add_argument("--workers", type=_integer_at_least(1), default=1,
                          help="processes certifying the shards k/N in parallel, then merged; --threads is split between them")
     certify.add_argument("--out", help="verdicts folder (default: RUN/certify at the run's test eps, else RUN/certify-eps<E>)")
-    certify.add_argument("--batch-size", type=int, default=128, help="samples per cascade batch")
-    certify.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the attack stage")
-    certify.add_argument("--attack-restarts", type=int, default=5, help="PGD restarts of the attack stage")
+    certify.add_argument("--batch-size", type=_integer_at_least(1), default=128, help="samples per cascade batch")
+    certify.add_argument("--attack-steps", type=_integer_at_least(0), default=50, help="PGD steps of the attack stage")
+    certify.add_argument("--attack-restarts", type=_integer_at_least(0), default=5,
+                         help="PGD restarts of the attack stage")
+    certify.add_argument("--cross-check", action="store_true",
+                         help="attack every certified sample before its verdict is written; stop on a counterexample")
     certify.add_argument("--apgd", action="store_true", help="also run APGD-CE and APGD-T in the attack stage")
     certify.add_argument("--restart", action="store_true", help="start the verdicts file anew instead of resuming")
     certify.add_argument("--merge", action="store_true", help="merge the shard files in the folder SOURCE and summarize")
@@ -383,12 +432,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_with_args(args) -> int:
+    from .certify.provenance import ProvenanceMismatch
+    from .certify.stages import CertifyInputError
     from .certify.verdicts import InvalidVerdict
     from .training import CheckpointError
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict) as error:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict, CertifyInputError,
+            ProvenanceMismatch) as error:
         print(f"ctbench: error: {error}", file=sys.stderr)
         return 2
 

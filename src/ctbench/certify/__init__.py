@@ -6,9 +6,10 @@ from .cascade import (
     CertifyResult, Shard, SoundnessError, append_verdicts, certify, default_out_dir, merge, read_verdicts,
     summarize,
 )
+from .provenance import Provenance, ProvenanceMismatch
 from .soundness import SafetyMargin
 from .stages import (
-    DEFAULT_STAGES, STAGES, AlphaCrownSettings, AttackSettings, CertifySettings, MilpSettings, build_stage,
+    DEFAULT_STAGES, STAGES, AlphaCrownSettings, CertifyInputError, AttackSettings, CertifySettings, MilpSettings, build_stage,
     stage_names,
 )
 from .verdicts import (

@@ -53,14 +53,17 @@ from torch import Tensor, nn
 
 from ..io import atomic_write_json, atomic_write_text
 from ..models.ops import lower_network
+from .provenance import Provenance, ProvenanceMismatch, check_same, data_hash, model_hash, package_version, settings_hash
+from .provenance import settings_record
 from .soundness import float64_ops
-from .stages import CertifySettings, OpenSamples, StageContext, build_stage, stage_names
+from .stages import CertifySettings, CertifyInputError, OpenSamples, StageContext, build_stage, stage_names
 from .verdicts import (
     InvalidVerdict, Verdict, VerdictBook, falsified_verdict, model_device,
 )
 
 VERDICTS_FILE = "verdicts.jsonl"
 SUMMARY_FILE = "summary.json"
+PROVENANCE_FILE = "provenance.json"
 _SHARD_FILE = re.compile(r"verdicts-shard-(\d+)-of-(\d+)\.jsonl$")
 
 
@@ -160,9 +163,31 @@ def write_verdicts(path: Path, verdicts: Sequence[Verdict]) -> None:
 # summary and merge
 
 
-def summarize(verdicts: Sequence[Verdict]) -> dict:
-    """Natural, certified (total and per stage) and adversarial accuracy, counts and times."""
-    total = len(verdicts)
+def index_ranges(indices: Iterable[int]) -> list[list[int]]:
+    """Sorted distinct indices as half-open ranges [[start, stop], ...] (compact for JSON)."""
+    ranges: list[list[int]] = []
+    for index in sorted(set(int(i) for i in indices)):
+        if ranges and ranges[-1][1] == index:
+            ranges[-1][1] = index + 1
+        else:
+            ranges.append([index, index + 1])
+    return ranges
+
+
+def indices_from_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
+    return [index for start, stop in ranges for index in range(int(start), int(stop))]
+
+
+def summarize(verdicts: Sequence[Verdict], requested: Iterable[int] | None = None) -> dict:
+    """Natural, certified (total and per stage) and adversarial accuracy, counts and times over
+    the ``requested`` indices (default: those of the records). Records outside the request are
+    not counted. Requested samples without a record are ``missing``; then the accuracies are
+    None (``complete`` False), since a fraction over part of the request is no final figure."""
+    by_index = {verdict.index: verdict for verdict in verdicts}
+    wanted = sorted(set(by_index) if requested is None else {int(i) for i in requested})
+    verdicts = [by_index[i] for i in wanted if i in by_index]
+    missing = len(wanted) - len(verdicts)
+    total = len(wanted)
     counts = {name: 0 for name in ("certified", "falsified", "wrong", "unknown")}
     certified_by_stage: dict[str, int] = {}
     falsified_by_stage: dict[str, int] = {}
@@ -180,29 +205,54 @@ def summarize(verdicts: Sequence[Verdict]) -> dict:
             eps_values.add(verdict.eps)
 
     def fraction(count: int) -> float | None:
-        return count / total if total else None
+        return count / total if total and not missing else None
 
     seconds_total = sum(v.seconds for v in verdicts)
     return {
         "samples": total,
+        "decided": len(verdicts),
+        "missing": missing,
+        "complete": missing == 0,
         "eps": sorted(eps_values)[0] if len(eps_values) == 1 else sorted(eps_values),
-        "natural_accuracy": fraction(total - counts["wrong"]),
+        "natural_accuracy": fraction(total - missing - counts["wrong"]),
         "certified_accuracy": fraction(counts["certified"]),
         "certified_accuracy_by_stage": {s: fraction(c) for s, c in sorted(certified_by_stage.items())},
-        "adversarial_accuracy": fraction(total - counts["wrong"] - counts["falsified"]),
+        "adversarial_accuracy": fraction(total - missing - counts["wrong"] - counts["falsified"]),
         "counts": counts,
         "certified_by_stage": dict(sorted(certified_by_stage.items())),
         "falsified_by_stage": dict(sorted(falsified_by_stage.items())),
         "seconds_total": seconds_total,
-        "seconds_mean": seconds_total / total if total else None,
+        "seconds_mean": seconds_total / len(verdicts) if verdicts else None,
         "seconds_by_stage": dict(sorted(seconds_by_stage.items())),
     }
 
 
+def _requested_selection(out_dir: Path) -> list[int] | None:
+    """The samples the certify runs of a folder were asked for (before sharding), from their
+    summary files; None when no summary records it. Different selections are refused."""
+    selections = {}
+    for path in sorted(out_dir.glob("summary*.json")):
+        selection = json.loads(path.read_text()).get("selection")
+        if selection is not None:
+            selections[path.name] = json.dumps(selection)
+    if not selections:
+        return None
+    if len(set(selections.values())) > 1:
+        raise ProvenanceMismatch(f"the shards in {out_dir} were asked for different samples "
+                                 f"({', '.join(sorted(selections))}): certify every shard with the same "
+                                 f"--start/--count, or merge them in separate folders")
+    return indices_from_ranges(json.loads(next(iter(selections.values()))))
+
+
 def merge(out_dir: Path, write: bool = True) -> CertifyResult:
     """Combine ``verdicts.jsonl`` and every ``verdicts-shard-k-of-N.jsonl`` in ``out_dir`` into
-    ``verdicts.jsonl`` (sorted by index) and ``summary.json``. Raises ``VerdictConflict`` when an
-    index has two different verdicts. The summary lists the shards found and the missing ones."""
+    ``verdicts.jsonl`` (sorted by index) and ``summary.json``.
+
+    Refuses (``ProvenanceMismatch``) records of another model, eps, data, settings or version
+    than the first file's, and records without provenance; raises ``VerdictConflict`` when an
+    index has two different verdicts. The summary covers the samples the shards were asked for
+    (their summaries' ``selection``): samples of missing shards or unfinished runs are counted
+    as ``missing`` and then no accuracy is reported. It also lists the shards found and missing."""
     out_dir = Path(out_dir)
     book = VerdictBook()
     shards: dict[int, set[int]] = {}
@@ -211,14 +261,23 @@ def merge(out_dir: Path, write: bool = True) -> CertifyResult:
         files.append(out_dir / VERDICTS_FILE)
     if not files:
         raise FileNotFoundError(f"no verdict files ({VERDICTS_FILE} or verdicts-shard-k-of-N.jsonl) in {out_dir}")
+    expected: Provenance | None = None
+    first = ""
     for path in files:
         match = _SHARD_FILE.search(path.name)
         if match:
             shards.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
         for verdict in read_verdicts(path):
+            if expected is None:
+                expected, first = verdict.provenance, path.name
+            check_same(expected, verdict.provenance, f"{out_dir / path.name} (against {first})",
+                       "merge only shards of one certify command (same model, eps, data, stages and settings)")
             book.add(verdict, source=path.name)
     verdicts = book.sorted()
-    summary = summarize(verdicts)
+    requested = _requested_selection(out_dir)
+    summary = summarize(verdicts, requested)
+    if requested is not None:
+        summary["selection"] = index_ranges(requested)
     if shards:
         summary["shards"] = {f"of-{n}": {"found": sorted(ks), "missing": sorted(set(range(n)) - ks)}
                              for n, ks in sorted(shards.items())}
@@ -261,31 +320,100 @@ def _finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def check_eps(eps) -> float:
+    """eps as a float; it must be finite and >= 0."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise CertifyInputError(f"eps must be a number, got {eps!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise CertifyInputError(f"eps must be finite and >= 0, got {eps!r}: a negative radius gives an empty box "
+                                f"(lower > upper), in which every claim is vacuously true")
+    return value
+
+
+def check_inputs(images: Tensor, labels: Tensor, data_range: tuple[float, float]) -> None:
+    """Images finite and inside the data range (uint8 images are, once divided by 255); labels
+    integers, one per image."""
+    if images.shape[0] != labels.shape[0]:
+        raise CertifyInputError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise CertifyInputError(f"labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if images.dtype == torch.uint8 or images.numel() == 0:
+        return
+    if not images.dtype.is_floating_point:
+        raise CertifyInputError(f"images must be uint8 (0-255) or floating point, got {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise CertifyInputError("images contain NaN or infinite values")
+    lo, hi = data_range
+    low, high = float(images.min()), float(images.max())
+    if low < lo or high > hi:
+        raise CertifyInputError(f"images must lie in the data range [{lo:g}, {hi:g}], found values in "
+                                f"[{low:g}, {high:g}]: the box around such an input is clamped to the range "
+                                f"and may be empty; scale the images to [{lo:g}, {hi:g}] (pass uint8 images to "
+                                f"have them divided by 255)")
+
+
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise CertifyInputError(f"labels must lie in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
+                                f"found [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _check_indices(indices: list[int], count: int) -> None:
+    if len(set(indices)) != len(indices):
+        raise CertifyInputError("the sample indices contain duplicates")
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise CertifyInputError(f"sample indices {bad[:5]} are outside the data (0..{count - 1})")
+
+
+def _write_provenance(out_dir: Path, provenance: Provenance, settings: CertifySettings, resume: bool) -> None:
+    """``provenance.json``: the provenance and the full settings behind its hash. A folder that
+    holds another certification is refused on resume (``--restart`` replaces it)."""
+    path = out_dir / PROVENANCE_FILE
+    if resume and path.exists():
+        known = Provenance.from_json(json.loads(path.read_text())["provenance"])
+        check_same(provenance, known, str(path),
+                   "rerun with --restart to certify anew, or choose another --out folder")
+        return
+    atomic_write_json(path, {"provenance": provenance.to_json(), "settings": settings_record(settings)})
+
+
 def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | None = None,
             timeout: float | None = None, indices: Iterable[int] | None = None, out_dir: Path | str | None = None,
             *, shard: Shard | str | None = None, settings: CertifySettings | None = None,
-            device: torch.device | str | None = None, resume: bool = True,
+            device: torch.device | str | None = None, resume: bool = True, data_name: str = "data/test",
             progress: Callable[[int, int], None] | None = None) -> CertifyResult:
     """Certify ``data`` (a ``Split`` with uint8 images, or an (images, labels) pair; uint8
-    images are divided by 255) at radius ``eps`` (module docstring).
+    images are divided by 255, float images must lie in the data range) at radius ``eps``
+    (finite, >= 0) (module docstring).
 
     stages / timeout override ``settings``; indices: which samples (default all); shard:
     ``Shard`` or "k/N" (applied to the indices); out_dir: where the verdicts go (None: nothing is
-    written); resume: skip the indices already in the file (else the file is started anew);
-    progress(done, total) is called after every batch. The model is moved to ``device`` and put in
-    eval mode. Returns every record of this run's file and its summary."""
+    written); resume: skip the indices already in the file, after checking that every record
+    there has this certification's provenance (else ``ProvenanceMismatch``); without resume the
+    file is started anew; data_name: "<dataset>/<split>", recorded in the provenance; progress(done,
+    total) is called after every batch. The model is moved to ``device`` and put in eval mode.
+    Returns the records of the requested samples and their summary."""
     settings = settings or CertifySettings()
     if stages is not None:
         settings = replace(settings, stages=stage_names(stages))
     if timeout is not None:
         settings = replace(settings, timeout=float(timeout))
+    eps = check_eps(eps)
     stage_list = [build_stage(name) for name in stage_names(settings.stages)]
     images, labels = _as_tensors(data)
+    check_inputs(images, labels, settings.data_range)
     indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+    _check_indices(indices, len(labels))
+    selection = index_ranges(indices)
     if isinstance(shard, str):
         shard = Shard.parse(shard)
     if shard is not None:
         indices = shard.select(indices)
+    provenance = Provenance(model_hash(model), eps, f"{data_name}@{data_hash(images, labels)}",
+                            settings_hash(settings), package_version())
 
     out_path = None
     book = VerdictBook()
@@ -293,11 +421,11 @@ def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | No
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         out_path = out_dir / (shard.verdicts_file if shard is not None else VERDICTS_FILE)
+        _write_provenance(out_dir, provenance, settings, resume)
         if resume:
             for verdict in read_verdicts(out_path, repair=True):
-                if verdict.eps is not None and not math.isclose(verdict.eps, eps, rel_tol=1e-12, abs_tol=0.0):
-                    raise InvalidVerdict(f"{out_path} holds verdicts at eps {verdict.eps}, not {eps}: "
-                                         f"use another --out folder")
+                check_same(provenance, verdict.provenance, str(out_path),
+                           "rerun with --restart to certify anew, or choose another --out folder")
                 book.add(verdict, source=out_path.name)
         elif out_path.exists():
             out_path.unlink()
@@ -305,8 +433,9 @@ def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | No
 
     device = torch.device(device) if device is not None else model_device(model)
     model = model.to(device).eval()
-    ctx = StageContext(model, lower_network(model, detach=True), float64_ops(model), float(eps),
-                       int(_num_classes(model, images, device)), settings)
+    num_classes = int(_num_classes(model, images, device))
+    _check_labels(labels, num_classes)
+    ctx = StageContext(model, lower_network(model, detach=True), float64_ops(model), eps, num_classes, settings)
     done = len(indices) - len(pending)
 
     def sink(verdicts: list[Verdict]) -> None:
@@ -317,13 +446,16 @@ def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | No
 
     for start in range(0, len(pending), settings.batch_size):
         batch = pending[start:start + settings.batch_size]
-        _certify_batch(ctx, stage_list, batch, images, labels, device, out_dir, sink)
+        _certify_batch(ctx, stage_list, batch, images, labels, device, out_dir, sink, provenance)
         done += len(batch)
         if progress is not None:
             progress(done, len(indices))
     selected = set(indices)
-    result_verdicts = [v for v in book.sorted() if v.index in selected] if out_path is None else book.sorted()
-    summary = summarize(result_verdicts)
+    result_verdicts = [v for v in book.sorted() if v.index in selected]
+    summary = summarize(result_verdicts, indices)
+    summary["selection"] = selection
+    summary["shard"] = f"{shard.k}/{shard.n}" if shard is not None else None
+    summary["provenance"] = provenance.to_json()
     if out_dir is not None:
         atomic_write_json(out_dir / (shard.summary_file if shard is not None else SUMMARY_FILE), summary)
     return CertifyResult(result_verdicts, summary, out_path)
@@ -335,10 +467,12 @@ def _num_classes(model: nn.Module, images: Tensor, device) -> int:
 
 
 def _certify_batch(ctx: StageContext, stage_list, batch: list[int], images: Tensor, labels: Tensor, device,
-                   out_dir: Path | None, sink: Callable[[list[Verdict]], None]) -> list[Verdict]:
+                   out_dir: Path | None, sink: Callable[[list[Verdict]], None],
+                   provenance: Provenance | None = None) -> list[Verdict]:
     """Run the cascade on one batch. Every verdict goes to ``sink`` as soon as it is final: the
     wrong ones after the clean pass, the ones a batched stage decides after that stage, and, in a
-    per-sample stage (bab, milp), each sample right after its own run."""
+    per-sample stage (bab, milp), each sample right after its own run. With ``cross_check``,
+    certified verdicts are attacked first and reach ``sink`` only when no attack breaks them."""
     settings = ctx.settings
     index_tensor = torch.tensor(batch, dtype=torch.long)
     x = _to_float(images[index_tensor], device)
@@ -359,9 +493,13 @@ def _certify_batch(ctx: StageContext, stage_list, batch: list[int], images: Tens
     details: dict[int, str] = {}
 
     def finish(rows_and_verdicts: list[tuple[int, Verdict]]) -> None:
+        certified_rows = [row for row, verdict in rows_and_verdicts if verdict.certified]
+        if settings.cross_check and certified_rows:
+            _cross_check(ctx, batch, x, y, certified_rows)
         done = []
         for row, verdict in rows_and_verdicts:
-            final[row] = replace(verdict, seconds=float(sum(times[row].values())), times=dict(times[row]))
+            final[row] = replace(verdict, seconds=float(sum(times[row].values())), times=dict(times[row]),
+                                 provenance=provenance)
             done.append(final[row])
         if done:
             sink(done)
@@ -422,8 +560,6 @@ def _certify_batch(ctx: StageContext, stage_list, batch: list[int], images: Tens
             still_open += left
         open_rows = still_open
     finish([(row, unknown(row, last_stage)) for row in open_rows])
-    if settings.cross_check:
-        _cross_check(ctx, batch, x, y, final)
     return [final[row] for row in sorted(final, key=lambda r: batch[r])]
 
 
@@ -446,14 +582,13 @@ def _decision_verdict(ctx: StageContext, stage_name: str, decision, index: int, 
     raise InvalidVerdict(f"stage {stage_name} returned the verdict {decision.verdict!r}")
 
 
-def _cross_check(ctx: StageContext, batch: list[int], x: Tensor, y: Tensor, verdicts: dict[int, Verdict]) -> None:
-    """Attack every certified sample; a confirmed counterexample means a bound is unsound."""
-    rows = [row for row, verdict in verdicts.items() if verdict.certified]
-    if not rows:
-        return
+def _cross_check(ctx: StageContext, batch: list[int], x: Tensor, y: Tensor, rows: list[int]) -> None:
+    """Attack the samples of ``rows`` (about to be recorded certified); a confirmed
+    counterexample means a bound is unsound: ``SoundnessError``, and nothing is recorded."""
     selected = torch.tensor(rows, device=x.device)
     samples = OpenSamples([batch[r] for r in rows], x[selected], y[selected], [math.inf] * len(rows))
     outcome = build_stage("attack").run(ctx, samples)
     if outcome.decisions:
         bad = [samples.indices[d.position] for d in outcome.decisions]
-        raise SoundnessError(f"samples {bad} were certified and then falsified by an attack")
+        raise SoundnessError(f"samples {bad} were certified and then falsified by an attack: a bound is "
+                             f"unsound; their verdicts were not recorded")

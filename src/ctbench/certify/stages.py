@@ -23,6 +23,7 @@ Adding a stage: a class with ``name`` and ``run(ctx, samples) -> Outcome``, regi
 """
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,15 @@ from .verdicts import check_counterexample, project_float32
 DEFAULT_STAGES = ("ibp", "crown-ibp", "attack", "alpha-crown", "bab")
 
 
+class CertifyInputError(ValueError):
+    """A bad argument of the cascade (eps, data, stages, settings); the message names the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CertifyInputError(message)
+
+
 @dataclass(frozen=True)
 class AttackSettings:
     """PGD (margin loss): steps, restarts, step size as a fraction of the box width; then
@@ -64,6 +74,14 @@ class AttackSettings:
     apgd_t_iterations: int = 100
     apgd_targets: int = 9
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.pgd_steps >= 0 and self.pgd_restarts >= 0,
+                 f"attack steps and restarts must be >= 0, got {self.pgd_steps} steps x {self.pgd_restarts} restarts")
+        _require(math.isfinite(self.pgd_step_size) and self.pgd_step_size > 0,
+                 f"the attack step size must be finite and > 0, got {self.pgd_step_size}")
+        _require(self.apgd_iterations >= 1 and self.apgd_t_iterations >= 1 and self.apgd_targets >= 1,
+                 "APGD iterations and targets must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,15 @@ class CertifySettings:
     milp: MilpSettings = MilpSettings()
     cross_check: bool = False
     inline_counterexample_limit: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", stage_names(self.stages))
+        _require(math.isfinite(self.timeout) and self.timeout > 0,
+                 f"the per-sample timeout must be finite and > 0 seconds, got {self.timeout} (--timeout)")
+        _require(self.batch_size >= 1, f"the batch size must be >= 1, got {self.batch_size} (--batch-size)")
+        lo, hi = self.data_range
+        _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
+                 f"the data range must be finite with lower < upper, got {self.data_range}")
 
 
 @dataclass(eq=False)
@@ -372,8 +399,14 @@ class MilpStage(Stage):
 
 
 def stage_names(stages: str | Sequence[str]) -> tuple[str, ...]:
-    """Parse "ibp,crown-ibp,..." (or a sequence) and check every name is registered."""
+    """Parse "ibp,crown-ibp,..." (or a sequence) and check every name is registered, none twice."""
     names = tuple(s.strip() for s in stages.split(",") if s.strip()) if isinstance(stages, str) else tuple(stages)
+    known = ", ".join(STAGES.names())
+    _require(len(names) > 0, f"no certification stage given (--stages); known: {known}")
     for name in names:
-        STAGES.get(name)
+        if name not in STAGES:
+            close = difflib.get_close_matches(name, STAGES.names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CertifyInputError(f"unknown certification stage {name!r} (--stages); known: {known}{hint}")
+    _require(len(set(names)) == len(names), f"a stage is listed twice in {','.join(names)} (--stages)")
     return names

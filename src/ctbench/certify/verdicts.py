@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .provenance import Provenance
+
 VERDICTS = ("certified", "falsified", "wrong", "unknown")
 
 
@@ -57,7 +59,8 @@ class Verdict:
     counterexample: the point as a nested list (float32 values) or counterexample_path: a
     file (``.npy``) holding it; margin_upper: z_y - max_{i != y} z_i at the counterexample
     (negative or zero) or at the clean input for wrong samples; eps; times: seconds per stage;
-    detail: a short free-form note (e.g. "timeout", "domains=123")."""
+    detail: a short free-form note (e.g. "timeout", "domains=123"); provenance: what the verdict
+    is of (model hash, eps, data, settings hash, version; ``provenance.Provenance``)."""
 
     index: int
     verdict: str
@@ -72,6 +75,7 @@ class Verdict:
     margin_upper: float | None = None
     times: Mapping[str, float] = field(default_factory=dict)
     detail: str | None = None
+    provenance: Provenance | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -114,15 +118,19 @@ class Verdict:
                 out[key] = value
         if self.times:
             out["times"] = {name: float(seconds) for name, seconds in self.times.items()}
+        if self.provenance is not None:
+            out["provenance"] = self.provenance.to_json()
         return out
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "Verdict":
         known = {"index", "verdict", "stage", "seconds", "margin_lower", "label", "predicted", "eps",
-                 "counterexample", "counterexample_path", "margin_upper", "times", "detail"}
+                 "counterexample", "counterexample_path", "margin_upper", "times", "detail", "provenance"}
         values = {key: value for key, value in data.items() if key in known}
         values.setdefault("stage", "unknown")
         values["times"] = dict(values.get("times") or {})
+        if values.get("provenance") is not None:
+            values["provenance"] = Provenance.from_json(values["provenance"])
         return Verdict(**values)
 
     def same_decision(self, other: "Verdict") -> bool:

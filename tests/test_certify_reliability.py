@@ -219,3 +219,45 @@ def test_cli_accepts_a_fractional_eps(run_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "v"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["eps"] == 8 / 255 and summary["samples"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# MILP: a falsifier, never a certificate
+
+
+def scaled_net(scale: float) -> nn.Sequential:
+    model = small_net(5)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5e4 ** 2])
+def test_milp_stage_falsifies_but_never_certifies(scale):
+    """On a well-scaled net and on one whose logits reach ~1e10 (big-M constants where the
+    solver's tolerances leak more than any margin), the milp stage leaves every robust sample
+    open; it falsifies only samples that the cascade with an attack and bab falsifies, and on
+    the well-scaled net all of them."""
+    model = scaled_net(scale)
+    x, _ = data(10, seed=7)
+    labels = model(x).argmax(1)
+    milp_only = certify(model, (x, labels), 0.05, settings=dataclasses.replace(FAST, stages=("milp",)))
+    reference = certify(model, (x, labels), 0.05,
+                        settings=dataclasses.replace(FAST, stages=("ibp", "crown-ibp", "attack", "bab")))
+    assert not any(v.certified for v in milp_only.verdicts)
+    assert any(v.certified for v in reference.verdicts) and any(v.falsified for v in reference.verdicts)
+    for milp_verdict, verdict in zip(milp_only.verdicts, reference.verdicts):
+        assert milp_verdict.falsified <= verdict.falsified
+        assert milp_verdict.falsified == verdict.falsified or scale != 1.0
+        if verdict.certified:
+            assert milp_verdict.verdict == "unknown"
+
+
+def test_milp_tolerance_shrinks_with_the_problem_scale():
+    from ctbench.certify.milp import scaled_tolerance
+
+    assert scaled_tolerance(0.5) == scaled_tolerance(1.0) == 1e-9
+    assert scaled_tolerance(5.0) == pytest.approx(2e-10)
+    assert scaled_tolerance(1e11) == 1e-10

@@ -17,10 +17,13 @@ tiny networks only (``max_matrix_elements``). Stable neurons need no binary: a =
 l >= 0, a = 0 when u <= 0. The objective is a margin z_y - z_t; its minimum over the box is
 negative iff the network can be fooled into class t.
 
-MILP certificates rely on HiGHS' tolerances (feasibility 1e-9, relative gap 1e-9 here), not
-on a float64 re-check, so ``network_milp`` is used as a test oracle and as an optional
-stage; branch and bound closes its LP leaves with a float64 Lagrangian bound instead
-(``soundness.lagrangian_lower_bound``).
+A MILP optimum is the solver's word, not a certificate: HiGHS works with feasibility and
+integrality tolerances, and a binary d that is off by its tolerance lets a <= u * d leak
+u * tolerance, which on a badly scaled network (big-M constants of 1e11) is larger than any
+margin. So ``network_milp`` is a test oracle on well-scaled tiny networks and, as a cascade
+stage, a *falsifier* only (every minimizer is confirmed by the float32 model before it counts);
+branch and bound closes its leaves with checked certificates. The tolerances are chosen from the
+problem's scale (``scaled_tolerance``) so that the leak stays small where the solver allows it.
 """
 from __future__ import annotations
 
@@ -231,6 +234,13 @@ class NetworkMilpResult:
     exact: bool
 
 
+def scaled_tolerance(big_m: float) -> float:
+    """Feasibility/integrality tolerance for big-M constants of magnitude ``big_m``: 1e-9 for a
+    well-scaled problem, smaller as the constants grow (the leak big_m x tolerance is then about
+    1e-9), never below 1e-10, the smallest tolerance HiGHS accepts."""
+    return max(1e-10, min(1e-9, 1e-9 / max(big_m, 1.0)))
+
+
 def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
                  intermediate: Mapping[int, Box] | None = None, targets: Sequence[int] | None = None,
                  stop_below: float | None = None, time_limit: float | None = None,
@@ -238,7 +248,8 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
     """Exact minimum of the margin z_label - z_t over the box (one sample, batch dim 1) by MILP,
     for every target t (default: all t != label). ``intermediate``: sound ReLU-input boxes (float64
     CROWN bounds are computed when None). ``stop_below``: stop after the first target whose
-    minimum is below this value (a counterexample is enough)."""
+    minimum is below this value (a counterexample is enough). The result is the solver's word
+    (module docstring): use it to find counterexamples, never as a certificate."""
     import scipy.sparse as sparse
 
     dtype, device = torch.float64, box.lower.device
@@ -326,6 +337,9 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
         previous_cols = a_cols
         offset_cols = count
 
+    big_m = max(float(np.abs(np.concatenate(col_upper)).max(initial=1.0)),
+                max((float(intermediate[index].lower.abs().max()) for index in relus), default=1.0))
+    tolerance = scaled_tolerance(big_m)
     M_last, c_last = (t.cpu().numpy() for t in segments[-1])
     row_offset = 0
     all_rows, all_cols, all_vals = [], [], []
@@ -350,7 +364,8 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
         weights = M_last[label] - M_last[target]
         cost[previous_cols] = weights
         solution = solve(cost, matrix, r_lower, r_upper, lower_cols, upper_cols, integrality,
-                         offset=float(c_last[label] - c_last[target]), time_limit=time_limit, backend=backend)
+                         offset=float(c_last[label] - c_last[target]), time_limit=time_limit,
+                         tolerance=tolerance, backend=backend)
         if solution.status == "optimal":
             value = solution.objective
         else:

@@ -16,7 +16,9 @@ confirming every counterexample with the model's float32 forward pass.
 * ``bab``: branch and bound with alpha/beta-CROWN bounds and exact LP leaves
   (``bab.BranchAndBound``), complete up to its time-out; one sample at a time.
 * ``milp``: an exact MILP (HiGHS) of the whole network, for tiny networks only
-  (``max_neurons``); samples of larger networks are left open.
+  (``max_neurons``), as a falsifier: its minimizer is a counterexample once the float32 model
+  confirms it; a positive optimum is the solver's word, not a checked certificate, so the sample
+  stays open (put ``bab`` after it for a proof).
 
 Adding a stage: a class with ``name`` and ``run(ctx, samples) -> Outcome``, registered with
 ``@STAGES.register(name)``.
@@ -381,19 +383,17 @@ class MilpStage(Stage):
             box64 = float64_box(x.unsqueeze(0), ctx.eps, ctx.data_range)
             limit = settings.time_limit if settings.time_limit is not None else max(samples.budgets[position], 1.0)
             result = network_milp(ctx.ops64, box64, label, ctx.num_classes, stop_below=0.0, time_limit=limit)
-            threshold = float(_thresholds(ctx, x.unsqueeze(0))[0])
-            if result.exact and result.minimum > threshold:
-                outcome.margins[position] = result.minimum
-                outcome.decisions.append(Decision(position, "certified", result.minimum, detail="milp optimum"))
-            elif result.minimum < 0 and result.point is not None:
+            if result.minimum < 0 and result.point is not None:
                 confirmed = _confirmed(ctx, x, label, result.point.to(x.device))
                 if confirmed is not None:
                     outcome.decisions.append(Decision(position, "falsified", counterexample=confirmed))
                 else:
                     outcome.details[position] = "milp minimizer not confirmed by the float32 model"
+            elif result.exact:
+                outcome.details[position] = (f"milp optimum {result.minimum:.4g} (the solver's word, not a checked "
+                                             f"certificate: add the bab stage for a proof)")
             else:
-                outcome.margins[position] = result.minimum if result.exact else -math.inf
-                outcome.details[position] = "milp undecided" if result.exact else "milp time limit"
+                outcome.details[position] = "milp time limit"
             outcome.seconds.append(time.monotonic() - start)
         return outcome
 

@@ -44,10 +44,10 @@ def test_pgd_keeps_the_highest_loss_point_seen():
     y = torch.randint(0, 3, (8,))
     box = linf_box(x, 0.3)
     start = box.center
-    point = pgd_attack(model, box, y, PGDSettings(steps=5, restarts=1, random_start=False))
+    point = pgd_attack(model, box, y, PGDSettings(steps=5, restarts=1, random_start="center"))
     assert (cross_entropy_loss(model(point), y) >= cross_entropy_loss(model(start), y) - 1e-6).all()
     # zero steps returns the start itself
-    assert torch.equal(pgd_attack(model, box, y, PGDSettings(steps=0, restarts=1, random_start=False)), start)
+    assert torch.equal(pgd_attack(model, box, y, PGDSettings(steps=0, restarts=1, random_start="center")), start)
 
 
 def test_restarts_never_do_worse_than_one_restart_from_the_same_stream():
@@ -72,7 +72,7 @@ def test_batched_in_place_restarts_equal_a_plain_pgd_loop(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     box = linf_box(x, 0.2)
-    settings = PGDSettings(steps=6, restarts=3, random_start=False)
+    settings = PGDSettings(steps=6, restarts=3, random_start="center")
     found = pgd_attack(model, box, y, settings)
 
     point, best, best_loss = box.center, box.center, torch.full((6,), float("-inf"))
@@ -96,3 +96,56 @@ def test_bad_settings_are_rejected():
         PGDSettings(restarts=0)
     with pytest.raises(ValueError, match="precision"):
         PGDSettings(precision="int8")
+
+
+def _first_logit(logits, labels):
+    """A loss linear in the input of a linear model: its gradient sign never changes."""
+    return logits[:, 0]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_reference_steps_are_a_constant_fraction_of_the_half_width(steps):
+    model = linear_model()
+    x = torch.rand(4, 1, 3, 4) * 0.6 + 0.2  # inside [eps, 1 - eps]: the half-width is eps everywhere
+    box = linf_box(x, 0.1)
+    settings = PGDSettings(steps=steps, restarts=1, step_size=0.25, step_relative_to="half_width",
+                           step_schedule="constant", random_start="center")
+    point = pgd_attack(model, box, torch.zeros(4, dtype=torch.long), settings, loss_fn=_first_logit)
+    direction = model[1].weight.detach()[0].sign().view(1, 1, 3, 4)
+    assert torch.allclose(point - x, steps * 0.25 * 0.1 * direction, atol=1e-6)
+
+
+def test_ctbench_steps_are_a_decaying_fraction_of_the_width():
+    model = linear_model()
+    x = torch.rand(4, 1, 3, 4) * 0.6 + 0.2
+    box = linf_box(x, 0.1)
+    settings = PGDSettings(steps=4, restarts=1, step_size=0.125, step_relative_to="width", step_schedule="decay",
+                           step_decay=0.5, decay_at=(0.5,), random_start="center")
+    point = pgd_attack(model, box, torch.zeros(4, dtype=torch.long), settings, loss_fn=_first_logit)
+    direction = model[1].weight.detach()[0].sign().view(1, 1, 3, 4)
+    travelled = (2 * 0.125 + 2 * 0.0625) * 0.2  # two full steps, then two halved ones, of the width 0.2
+    assert torch.allclose(point - x, travelled * direction, atol=1e-6)
+
+
+def test_clamped_noise_start_lies_in_the_box_and_on_the_face_for_pixels_at_the_data_bounds():
+    x = torch.full((400, 1, 3, 4), 0.5)
+    x[:, 0, 0, 0], x[:, 0, 0, 2] = 0.0, 1.0
+    box = linf_box(x, 0.2)
+    settings = PGDSettings(steps=0, restarts=1, random_start="clamped_noise")
+    start = pgd_attack(linear_model(), box, torch.zeros(400, dtype=torch.long), settings, origin=x)
+    assert box.contains(start).all()
+    at_zero, inside, at_one = start[:, 0, 0, 0], start[:, 0, 0, 1], start[:, 0, 0, 2]
+    # noise of the clamped box's half-width (0.1) around the pixel, then clamped: half land on the face
+    assert 0.35 < (at_zero == 0).float().mean() < 0.65 and (at_zero <= 0.1 + 1e-7).all()
+    assert 0.35 < (at_one == 1).float().mean() < 0.65 and (at_one >= 0.9 - 1e-7).all()
+    assert (inside > 0.3).all() and (inside < 0.7).all() and inside.min() < 0.32 and inside.max() > 0.68
+    uniform = pgd_attack(linear_model(), box, torch.zeros(400, dtype=torch.long),
+                         PGDSettings(steps=0, restarts=1, random_start="uniform"))
+    assert (uniform[:, 0, 0, 0] > 0).float().mean() > 0.99  # uniform in the box: (almost) never on a face
+
+
+def test_unknown_step_semantics_are_rejected():
+    with pytest.raises(ValueError, match="step_relative_to"):
+        PGDSettings(step_relative_to="quarter_width")
+    with pytest.raises(ValueError, match="random_start"):
+        PGDSettings(random_start=True)

@@ -177,3 +177,34 @@ def test_fused_crown_ibp_is_finite_where_unshifted_exponentials_overflow():
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _attack_of(name, **attack):
+    return make_method(config_from_dict({"method": {"name": name}, "attack": attack})).attack_settings()
+
+
+def test_training_attacks_step_the_reference_fraction_of_the_half_width():
+    from ctbench.methods.taps import latent_step_fraction
+
+    for name in ("sabr", "staps"):
+        assert _attack_of(name, steps=10).step_size == 0.2 and _attack_of(name, steps=1).step_size == 0.2
+    for name in ("pgd", "mtl_ibp", "edac"):
+        assert _attack_of(name, steps=10).step_size == 0.25 and _attack_of(name, steps=1).step_size == 2.0
+    assert latent_step_fraction(10) == 0.4 and latent_step_fraction(5) == 0.8  # 0.2 / 2/steps x the width
+    reference = _attack_of("sabr")
+    assert (reference.step_relative_to, reference.step_schedule, reference.random_start) == (
+        "half_width", "constant", "clamped_noise")
+    assert _attack_of("sabr", step_relative_to="width").step_size == 0.1  # the same length, of the width
+    assert _attack_of("pgd", step_size=0.3, step_relative_to="width").step_size == 0.3  # set: taken as given
+
+
+def test_training_attacks_start_around_the_clean_input():
+    from ctbench.methods.pgd import adversarial_point
+
+    model, x, y = model_and_batch()
+    x[:, :, :2] = 0.0  # the top rows are black: their random starts land on the face 0 half of the time
+    step = step_inputs(model, x, y, 0.2)
+    config = config_from_dict({"method": {"name": "sabr"}, "attack": {"steps": 0, "restarts": 1}})
+    start = adversarial_point(make_method(config), step)
+    assert step.box().contains(start).all()
+    assert 0.3 < (start[:, :, :2] == 0).float().mean() < 0.7

@@ -120,3 +120,6 @@ def test_preset_values_equal_the_paper_tables(setting, method, expected):
         assert (config.eps.ramp_start_epoch, config.eps.ramp_end_epoch) == (ramp_start, ramp_end)
         assert config.eps.standard_epochs == ramp_start and config.optim.lr_milestones == milestones
         assert config.swa.start_epoch == (swa if method == "mtl_ibp" else None)
+    if config.swa.start_epoch is not None:  # SWA hands on its average: nothing to select, all data trained on
+        assert config.data.validation_size == 0 and config.swa.every_steps == 10
+    assert config.attack.step_size is None  # each method's reference step (attack.step_size unset)

@@ -141,8 +141,8 @@ def test_train_and_certify_end_to_end_on_mnist_subset(tmp_path, mnist):
     assert again["samples"] == 80 and set(again["certified_by_stage"]) == {"ibp"}
 
 
-def test_swa_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_path, mnist):
-    config = small_config(extra=["optim.epochs=3", "swa.start_epoch=1", "attack.steps=1"])
+def test_swa_once_per_epoch_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_path, mnist):
+    config = small_config(extra=["optim.epochs=3", "swa.start_epoch=1", "swa.every_steps=null", "attack.steps=1"])
     snapshots = {}
 
     def progress(iterable, total, description):
@@ -160,3 +160,43 @@ def test_swa_averages_the_weights_of_its_epochs_then_recomputes_batchnorm(tmp_pa
         assert torch.allclose(final[key], (snapshots[1][key] + snapshots[2][key]) / 2, atol=1e-6)
     running = [key for key in final if key.endswith("running_mean")]
     assert any(not torch.allclose(final[key], (snapshots[1][key] + snapshots[2][key]) / 2) for key in running)
+
+
+def test_swa_snapshots_every_n_optimizer_steps_and_hands_on_their_mean(tmp_path, mnist):
+    config = small_config(extra=["data.train_subset=640", "data.validation_size=0", "optim.batch_size=16",
+                                 "optim.epochs=1", "swa.start_epoch=0", "swa.every_steps=10"])
+    snapshots = []
+
+    def parameters():
+        return {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
+
+    def progress(iterable, total, description):
+        assert total == 40
+        for index, item in enumerate(iterable):
+            if index and index % 10 == 0:  # `index` optimizer steps are done
+                snapshots.append(parameters())
+            yield item
+        snapshots.append(parameters())
+
+    trainer = Trainer(config, tmp_path / "run", progress=progress, dataset=mnist)
+    results = trainer.fit()
+    assert len(snapshots) == 4 and results["model"].startswith("SWA of 4 snapshots")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["swa"]["count"] == 4
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)["model"]
+    for key in snapshots[0]:  # parameters only: BatchNorm statistics are recomputed after averaging
+        assert torch.allclose(final[key], sum(snapshot[key] for snapshot in snapshots) / 4, atol=1e-6), key
+
+
+def test_resume_in_the_middle_of_swa_ends_where_an_uninterrupted_run_does(tmp_path, mnist):
+    # 10 steps an epoch, a snapshot every 4: after steps 4, 8 | 12, 16, 20 (the count runs across epochs)
+    config = small_config(extra=["data.train_subset=160", "data.validation_size=0", "optim.batch_size=16",
+                                 "optim.epochs=2", "swa.start_epoch=0", "swa.every_steps=4"])
+    straight = Trainer(config, tmp_path / "straight", dataset=mnist).fit()
+    with pytest.raises(Interrupt):
+        Trainer(config, tmp_path / "killed", progress=interrupt_in_epoch(1), dataset=mnist).fit()
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["swa"]["count"] == 2
+    resumed = Trainer(config, tmp_path / "killed", dataset=mnist).fit(resume=True)
+    assert resumed["model"] == straight["model"] and resumed["model"].startswith("SWA of 5 snapshots")
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctbench.bounds import interval_bounds, linf_box
 from ctbench.config import config_from_dict
-from ctbench.models import InputSpec, build_model, initialize
+from ctbench.models import InputSpec, Normalize, build_model, initialize
 from ctbench.models.ops import clean_forward, lower_network, run_ops
 from ctbench.training import StepSettings, compute_step_gradients, make_method
 from ctbench.training.batchnorm import recompute_population_statistics
+from ctbench.training.regularizers import shi_input_box, shi_warmup_penalty
 from ctbench.training.schedules import eps_at, lr_at, smooth_ramp
 from ctbench.data import Split
 
@@ -24,7 +26,7 @@ def tiny_model(seed=0, dtype=torch.float64, init="ibp"):
 
 def tiny_config(method_name="ibp", **overrides):
     data = {"method": {"name": method_name, **overrides.pop("method", {})},
-            "attack": {"steps": 3, "restarts": 2, "random_start": False}}
+            "attack": {"steps": 3, "restarts": 2, "random_start": "center"}}
     data.update(overrides)
     return config_from_dict(data)
 
@@ -151,3 +153,83 @@ def test_sub_batch_statistics_would_differ():
     full_logits, _ = clean_forward(model, x)
     split_logits = torch.cat([clean_forward(model, part)[0] for part in x.chunk(4)])
     assert not torch.allclose(full_logits, split_logits, atol=1e-6)
+
+
+def _shi_network():
+    """MNIST's normalization, 4 pixels -> 2 ReLUs -> 3 classes; each ReLU input is 4 x the sum of
+    two normalized pixels, centred at 0 for x = 0.5, so both ReLUs are unstable and the balance
+    term is empty: the penalty is the tightness term alone."""
+    model = torch.nn.Sequential(Normalize((0.1307,), (0.3081,)), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+                                torch.nn.ReLU(), torch.nn.Linear(2, 3)).double()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[4.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0]]))
+        model[2].bias.fill_(-8 * (0.5 - 0.1307) / 0.3081)
+        model[4].weight.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("space", ["normalized", "pixel"])
+def test_shi_tightness_compares_layer_radii_with_the_normalized_input_radius(space):
+    config = config_from_dict({"method": {"name": "ibp"}, "regularization": {"shi_weight": 0.5, "shi_input_space": space}})
+    x, y = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64), torch.tensor([0])
+    model = _shi_network()
+    metrics = compute_step_gradients(model, make_method(config), config, StepSettings(0.05, 0.1, 3), x, y)
+    # layer radius 8 x 0.05 / std; input radius 0.05 / std after the normalization, 0.05 before it
+    std = model[0].std.item()  # 0.3081 as stored (float32)
+    ratio = 1 / 8 if space == "normalized" else std / 8
+    assert metrics["shi_penalty"] == pytest.approx((0.5 - ratio) / 0.5, rel=1e-9)
+
+
+def test_sabr_warmup_regularizer_is_measured_on_the_small_box(monkeypatch):
+    import ctbench.methods.sabr as sabr
+
+    small_boxes = []
+    original = sabr.small_box
+
+    def recording_small_box(*args):
+        small_boxes.append(original(*args))
+        return small_boxes[-1]
+
+    monkeypatch.setattr(sabr, "small_box", recording_small_box)
+    model = tiny_model(seed=3)
+    x, y = batch(seed=4)
+
+    def penalty_of(options):
+        config = tiny_config("sabr", method={"eps_shrink": 0.4, **options}, regularization={"shi_weight": 0.5})
+        return compute_step_gradients(model, make_method(config), config, StepSettings(0.1, 0.2, 4), x, y)["shi_penalty"]
+
+    def penalty_on(box):
+        ops = lower_network(model, clean_forward(model, x)[1], fold=True)
+        return shi_warmup_penalty(ops, shi_input_box(model, box, "normalized"), interval_bounds(ops[:-1], box)).item()
+
+    on_small = penalty_of({})
+    assert on_small == pytest.approx(penalty_on(small_boxes[-1]), rel=1e-9)
+    on_full = penalty_on(linf_box(x, 0.1))
+    assert penalty_of({"regularizer_box": "full"}) == pytest.approx(on_full, rel=1e-9)
+    assert on_small != pytest.approx(on_full, rel=1e-6)  # the two boxes give measurably different penalties
+
+
+@pytest.mark.parametrize("key,value", [("regularization.shi_input_space", "logits"),
+                                       ("attack.step_relative_to", "quarter_width"), ("attack.step_schedule", "cosine"),
+                                       ("attack.random_start", "corner"), ("attack.step_size", 0),
+                                       ("swa.every_steps", 0), ("method.regularizer_box", "tiny")])
+def test_unknown_values_of_the_reference_keys_are_errors_naming_the_key(key, value):
+    section, name = key.split(".")
+    data = {"method": {"name": "sabr"}}
+    data.setdefault(section, {})[name] = value
+    with pytest.raises(ValueError, match=key):
+        config_from_dict(data)
+
+
+def test_mnist_is_normalized_in_the_first_layer_unless_data_normalize_is_false():
+    from ctbench.data import DATASETS
+    from ctbench.training import build_model_for
+
+    def first_layer(normalize):
+        config = config_from_dict({"data": {"normalize": normalize}, "model": {"architecture": "cnn3"}})
+        return build_model_for(config, DATASETS.get("mnist").spec)[0]
+
+    reference = first_layer(True)
+    assert (reference.mean.item(), reference.std.item()) == pytest.approx((0.1307, 0.3081))
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(first_layer(False)(x), x)

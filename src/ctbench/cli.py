@@ -35,12 +35,25 @@ def _default_out(source: str) -> Path:
     return Path("runs") / (path.stem if path.suffix in (".yaml", ".yml") else source)
 
 
+def _train_out(args) -> Path:
+    return Path(args.out) if args.out else _default_out(args.config)
+
+
+def _train_interrupted(args) -> str:
+    """Ctrl-C in train: a run keeps its last checkpoint; before the first one it leaves nothing."""
+    out = _train_out(args)
+    if not (out / "checkpoint.pt").exists():
+        return "interrupted before the first checkpoint, so nothing is kept; rerun the same command to start again"
+    again = "rerun the same command" if args.resume else "rerun the same command with --resume"
+    return f"interrupted: the last checkpoint is kept in {out}; {again} to continue"
+
+
 def cmd_train(args) -> int:
     from .presets import load_config
     from .training import Trainer
 
     config = load_config(args.config, args.set)
-    out = Path(args.out) if args.out else _default_out(args.config)
+    out = _train_out(args)
     results = Trainer(config, out, progress=None if args.quiet else _progress).fit(resume=args.resume)
     test = results["test"]
     if args.json:
@@ -154,6 +167,46 @@ def cmd_certify(args) -> int:
     return 0
 
 
+def _certify_folder(args) -> Path:
+    """The verdicts folder: --out, else the default one next to the run."""
+    if args.out is not None:
+        return Path(args.out)
+    _, config = load_trained(args.source)
+    return _certify_out(args, config, _eps(args, config))
+
+
+def _certify_interrupted(args) -> str:
+    """Ctrl-C in certify: verdicts are written as they are decided, so the folder keeps them."""
+    from .training import CheckpointError
+
+    if args.merge:
+        return "interrupted"
+    try:
+        folder = _certify_folder(args)
+    except (ConfigError, CheckpointError):  # interrupted before the run was even read
+        return "interrupted"
+    again = "rerun the same command without --restart" if args.restart else "rerun the same command"
+    return f"interrupted: {_verdict_count(args, folder)} verdicts are kept in {folder}; {again} to resume"
+
+
+def _verdict_count(args, folder: Path) -> int:
+    """Samples with a verdict in the files this certify command writes (a partial last line does not count)."""
+    from .certify.cascade import VERDICTS_FILE, Shard
+
+    if args.workers > 1:
+        files = [folder / VERDICTS_FILE, *folder.glob(f"verdicts-shard-*-of-{args.workers}.jsonl")]
+    else:
+        files = [folder / (Shard.parse(args.shard).verdicts_file if args.shard else VERDICTS_FILE)]
+    indices = set()
+    for path in files:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                indices.add(json.loads(line)["index"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return len(indices)
+
+
 def _certify_shard_worker(args) -> None:
     """One worker process of ``certify --workers N``: shard ``args.shard``. Its summary is not
     printed (the parent prints the merged one); its errors still reach stderr."""
@@ -181,11 +234,7 @@ def _certify_with_workers(args) -> int:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.shard is not None:
         raise ConfigError("--workers runs the shards k/N itself; drop --shard (or --workers to run one shard)")
-    if args.out is None:
-        _, config = load_trained(args.source)
-        out = _certify_out(args, config, _eps(args, config))
-    else:
-        out = Path(args.out)
+    out = _certify_folder(args)
     if args.restart:  # the merged file and summary of an earlier run would be merged again with the new shards
         (out / VERDICTS_FILE).unlink(missing_ok=True)
         (out / SUMMARY_FILE).unlink(missing_ok=True)
@@ -194,7 +243,7 @@ def _certify_with_workers(args) -> int:
     workers = []
     for k in range(args.workers):
         shard_args = Namespace(**{**vars(args), "shard": f"{k}/{args.workers}", "workers": 1, "threads": threads,
-                                  "out": str(out), "quiet": True})
+                                  "out": str(out), "quiet": True, "on_interrupt": None})
         worker = context.Process(target=_certify_shard_worker, args=(shard_args,), name=f"certify-shard-{k}")
         worker.start()
         workers.append(worker)
@@ -367,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--json", action="store_true", help="print the results as one JSON object")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(run=cmd_train)
+    train.set_defaults(run=cmd_train, on_interrupt=_train_interrupted)
 
     evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and PGD accuracy on the test set")
     evaluate.add_argument("source", help="run folder or checkpoint file")
@@ -401,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(certify)
     certify.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
-    certify.set_defaults(run=cmd_certify)
+    certify.set_defaults(run=cmd_certify, on_interrupt=_certify_interrupted)
 
     certify_merge = commands.add_parser("certify-merge", help="merge verdicts-shard-k-of-N.jsonl files and summarize")
     certify_merge.add_argument("folder", help="the verdicts folder of the shards")
@@ -439,10 +488,21 @@ def main_with_args(args) -> int:
 
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        _report_interrupt(args)
+        return 130
     except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict, CertifyInputError,
             ProvenanceMismatch) as error:
         print(f"ctbench: error: {error}", file=sys.stderr)
         return 2
+
+
+def _report_interrupt(args) -> None:
+    """Ctrl-C: what is kept and how to go on, from the command's on_interrupt (None: a certify
+    worker, whose parent reports)."""
+    describe = getattr(args, "on_interrupt", lambda args: "interrupted")
+    if describe is not None:
+        print(f"ctbench: {describe(args)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
 """Typed, frozen run configuration, loaded from YAML with dotted command-line overrides.
 
-Unknown keys and values of the wrong type are errors that name the dotted key. Method
-hyper-parameters live in each method's own ``Options`` dataclass, resolved by method name.
+Unknown keys or names, values of the wrong type and values out of range (``RANGES``) are
+errors that name the dotted key and the fix, with the closest valid name where one is near.
+Method hyper-parameters live in each method's own ``Options`` dataclass, resolved by method name.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and the fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """The hint "; did you mean 'x'?" for the choice closest to a misspelt word, else an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,9 @@ class DataConfig:
     validation_size: int = 5000  # carved from the training set for model selection; 0: none, last epoch
     train_subset: int | None = None  # use only the first N training images (tests, quick runs)
     padding_mode: str = "zeros"  # crop padding: "zeros" (paper) or "replicate" (reference code)
+    # the network's first layer normalizes by the dataset's mean/std (the reference; MNIST 0.1307/0.3081);
+    # false: identity (the paper's text gives MNIST no preprocessing)
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,13 +51,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """Adam with a step-wise learning rate. Divergence stops a run: a non-finite loss, or a step
+    loss above divergence_factor x max(1, median loss of the last 100 steps); the floor of 1 keeps
+    a run whose loss is near 0 from stopping on one harder batch. The last good checkpoint is kept."""
+
     epochs: int = 70
     batch_size: int = 256
     lr: float = 5e-4
     lr_milestones: tuple[int, ...] = (50, 60)
     lr_decay: float = 0.2
-    grad_clip: float = 10.0
+    grad_clip: float | None = 10.0  # max gradient norm; None: no clipping
     accumulation_steps: int = 1  # sub-batches per step; BatchNorm statistics come from the full batch
+    divergence_factor: float | None = 1e4  # None: stop only on a non-finite loss
 
 
 @dataclass(frozen=True)
@@ -67,18 +85,29 @@ class RegularizationConfig:
     l1: float = 0.0  # on conv/linear weights only
     shi_weight: float = 0.0  # Shi et al. warm-up regularizer, scaled by (1 - eps / train_eps) during the ramp
     shi_tolerance: float = 0.5
+    # input radius of the tightness term: "normalized" (after the normalization layer, eps/std: Shi et al.'s
+    # code and the reference) or "pixel" (eps itself)
+    shi_input_space: str = "normalized"
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """The attack used inside training (PGD, SABR, MTL-IBP, TAPS, EDAC)."""
+    """The attack used inside training (PGD, SABR, MTL-IBP, TAPS, EDAC). The defaults are the
+    reference's; ctbench's former attack is step_size 0.25, step_relative_to width,
+    step_schedule decay, random_start uniform."""
 
     steps: int = 10
     restarts: int = 3
-    step_size: float = 0.25  # fraction of the box width
+    # sign step as a fraction of step_relative_to; None: the method's reference fraction of the half-width
+    # (SABR, STAPS: 0.2; PGD, MTL-IBP, EDAC: max(0.25, 2/steps); TAPS latent: max(0.4, 4/steps))
+    step_size: float | None = None
+    step_relative_to: str = "half_width"  # per coordinate: "half_width" (reference) or "width"
+    step_schedule: str = "constant"  # "constant" (reference, <= 10 steps) or "decay" (step_decay at decay_at)
     step_decay: float = 0.5
     decay_at: tuple[float, ...] = (0.5, 0.75)
-    random_start: bool = True
+    # "clamped_noise": clean input + uniform noise of the half-width, clamped to the box (reference);
+    # "uniform": uniform in the box; "center": the box centre
+    random_start: str = "clamped_noise"
     eps_factor: float = 1.0  # attack box radius = eps_factor x eps (MTL-IBP on CIFAR-10 2/255: 2)
     precision: str = "float32"  # float32, or bfloat16 / float16 autocast for the attack passes only
 
@@ -96,6 +125,7 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class SWAConfig:
     start_epoch: int | None = None  # average weights from this epoch on (None: off)
+    every_steps: int | None = 10  # snapshot every N optimizer steps (reference); None: once per epoch, at its end
 
 
 @dataclass(frozen=True)
@@ -162,19 +192,27 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(_fraction(value))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _number(value: Any) -> float | None:
+    """A YAML number or numeric string (e.g. "8/255") as a float; None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return _fraction(value) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
 
 
 def _fraction(text: str) -> float:
@@ -185,14 +223,14 @@ def _fraction(text: str) -> float:
     return float(text)
 
 
-def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "", caller_keys: Iterable[str] = ()) -> Any:
+    """``cls`` from a mapping; ``caller_keys`` are further valid keys of the section that the
+    caller has taken out (they are named when a key is unknown)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
-                          + ", ".join(sorted(names)))
+        _unknown_key(unknown[0], names | set(caller_keys), prefix)
     values = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -200,7 +238,18 @@ def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any
             values[name] = value
             continue
         values[name] = _convert(value, hints[name], key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # an Options class checking its own values names the key
+        raise ConfigError(str(error)) from None
+
+
+def _unknown_key(name: str, valid: set[str], prefix: str) -> None:
+    where = f"{prefix}." if prefix else ""
+    raise ConfigError(f"unknown config key {where}{name}; valid keys{' of ' + prefix if prefix else ''}: "
+                      + ", ".join(sorted(valid)) + did_you_mean(name, valid))
 
 
 def _method_config(data: Mapping[str, Any]) -> MethodConfig:
@@ -211,14 +260,11 @@ def _method_config(data: Mapping[str, Any]) -> MethodConfig:
     name = data.pop("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"method.name: expected a string, got {name!r}")
-    try:
-        method_cls = METHODS.get(name)
-    except KeyError as error:
-        raise ConfigError(f"method.name: {error.args[0]}") from None
+    method_cls = METHODS.get(name)
     w_rob = _convert(data.pop("w_rob", MethodConfig.w_rob), float, "method.w_rob")
     if not 0.0 <= w_rob <= 1.0:
         raise ConfigError(f"method.w_rob: must lie in [0, 1], got {w_rob}")
-    options = build_dataclass(method_cls.Options, data, "method")
+    options = build_dataclass(method_cls.Options, data, "method", caller_keys=("name", "w_rob"))
     return MethodConfig(name=name, w_rob=w_rob, options=options)
 
 
@@ -232,11 +278,9 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
 
 
 def validate(config: TrainConfig) -> None:
-    eps = config.eps
-    if eps.train_eps < 0 or eps.test_eps < 0:
-        raise ConfigError("eps.train_eps and eps.test_eps must be >= 0")
-    if not eps.standard_epochs <= eps.ramp_start_epoch <= eps.ramp_end_epoch:
-        raise ConfigError("eps: need standard_epochs <= ramp_start_epoch <= ramp_end_epoch")
+    _validate_ranges(config)
+    _validate_schedule(config)
+    _validate_names(config)
     if config.optim.batch_size % config.optim.accumulation_steps:
         raise ConfigError(f"optim.accumulation_steps={config.optim.accumulation_steps} must divide "
                           f"optim.batch_size={config.optim.batch_size}")
@@ -252,6 +296,128 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"attack.precision: use float32, bfloat16 or float16, got {config.attack.precision!r}")
     if config.data.padding_mode not in ("zeros", "replicate"):
         raise ConfigError(f"data.padding_mode: use zeros or replicate, got {config.data.padding_mode!r}")
+    _validate_choices(config)
+    if config.attack.step_size is not None and config.attack.step_size <= 0:
+        raise ConfigError(f"attack.step_size: must be > 0 (or null: the method's own), got {config.attack.step_size}")
+    if config.swa.every_steps is not None and config.swa.every_steps < 1:
+        raise ConfigError(f"swa.every_steps: must be >= 1 (or null: once per epoch), got {config.swa.every_steps}")
+
+
+# (section, key) -> its allowed string values
+CHOICES = {
+    ("regularization", "shi_input_space"): ("normalized", "pixel"),
+    ("attack", "step_relative_to"): ("half_width", "width"),
+    ("attack", "step_schedule"): ("constant", "decay"),
+    ("attack", "random_start"): ("clamped_noise", "uniform", "center"),
+}
+
+
+def _validate_choices(config: TrainConfig) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key}: use {' or '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key; an open end is excluded."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+NON_NEGATIVE, POSITIVE, AT_LEAST_ONE = Range(0), Range(0, low_open=True), Range(1)
+UNIT, SHRINK = Range(0, 1), Range(0, 1, low_open=True)
+EPS_NOTE = "; images lie in [0, 1] (8/255 may be written as a fraction)"
+
+# dotted key -> (allowed values, note on the fix); None values (where allowed) are not checked
+RANGES: dict[str, tuple[Range, str]] = {
+    "seed": (NON_NEGATIVE, ""),
+    "threads": (AT_LEAST_ONE, "; null: torch's default"),
+    "data.validation_size": (NON_NEGATIVE, "; 0: no validation split"),
+    "data.train_subset": (AT_LEAST_ONE, "; null: the whole training set"),
+    "optim.epochs": (AT_LEAST_ONE, ""),
+    "optim.batch_size": (AT_LEAST_ONE, ""),
+    "optim.lr": (Range(0, 10, low_open=True), "; Adam usually trains with 1e-4 to 1e-2"),
+    "optim.lr_milestones": (NON_NEGATIVE, "; milestones are epochs, counted from 0"),
+    "optim.lr_decay": (SHRINK, ""),
+    "optim.grad_clip": (POSITIVE, "; null: no clipping"),
+    "optim.accumulation_steps": (AT_LEAST_ONE, ""),
+    "optim.divergence_factor": (Range(1, low_open=True), "; null: stop only on a non-finite loss"),
+    "eps.train_eps": (UNIT, EPS_NOTE),
+    "eps.test_eps": (UNIT, EPS_NOTE),
+    "eps.standard_epochs": (NON_NEGATIVE, ""),
+    "eps.ramp_start_epoch": (NON_NEGATIVE, ""),
+    "eps.ramp_end_epoch": (NON_NEGATIVE, ""),
+    "eps.ramp_exponent": (POSITIVE, ""),
+    "eps.ramp_power_fraction": (SHRINK, ""),
+    "regularization.l1": (NON_NEGATIVE, "; 0: off"),
+    "regularization.shi_weight": (NON_NEGATIVE, "; 0: off"),
+    "regularization.shi_tolerance": (POSITIVE, ""),
+    "attack.steps": (NON_NEGATIVE, ""),
+    "attack.restarts": (AT_LEAST_ONE, ""),
+    "attack.step_decay": (SHRINK, ""),
+    "attack.decay_at": (UNIT, "; these are fractions of attack.steps"),
+    "attack.eps_factor": (POSITIVE, ""),
+    "evaluation.batch_size": (AT_LEAST_ONE, ""),
+    "evaluation.attack_steps": (NON_NEGATIVE, ""),
+    "evaluation.attack_restarts": (AT_LEAST_ONE, ""),
+    "evaluation.population_batches": (AT_LEAST_ONE, "; null: all"),
+    "evaluation.final_test_count": (AT_LEAST_ONE, "; null: the whole test set"),
+    "swa.start_epoch": (NON_NEGATIVE, "; null: no SWA"),
+}
+
+
+def _validate_ranges(config: TrainConfig) -> None:
+    for key, (allowed, note) in RANGES.items():
+        value = functools.reduce(getattr, key.split("."), config)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for index, item in items:
+            if item is not None and item not in allowed:
+                where = key if index is None else f"{key}[{index}]"
+                raise ConfigError(f"{where}: must be {allowed}, got {item}{note}")
+
+
+def _validate_schedule(config: TrainConfig) -> None:
+    """The epoch settings against each other: eps ramp order, ramp and SWA within the run."""
+    eps, epochs = config.eps, config.optim.epochs
+    if not eps.standard_epochs <= eps.ramp_start_epoch <= eps.ramp_end_epoch:
+        raise ConfigError(f"eps: need standard_epochs <= ramp_start_epoch <= ramp_end_epoch, got "
+                          f"{eps.standard_epochs}, {eps.ramp_start_epoch}, {eps.ramp_end_epoch}")
+    if eps.ramp_end_epoch > epochs:
+        raise ConfigError(f"eps.ramp_end_epoch={eps.ramp_end_epoch} is after the last epoch (optim.epochs={epochs}): "
+                          "no epoch would train at the full eps.train_eps; lower eps.ramp_end_epoch or raise "
+                          "optim.epochs")
+    if config.swa.start_epoch is not None and config.swa.start_epoch >= epochs:
+        raise ConfigError(f"swa.start_epoch={config.swa.start_epoch} is not an epoch of the run (0 to {epochs - 1}); "
+                          "lower it, or set it to null for no SWA")
+
+
+def _validate_names(config: TrainConfig) -> None:
+    """Dataset, architecture and initialization must be registered (the method is checked on reading)."""
+    from .data import DATASETS
+    from .models import INITS, MODELS
+
+    DATASETS.get(config.data.dataset)
+    MODELS.get(config.model.architecture)
+    init = config.model.init
+    if init != "auto" and init not in INITS:
+        names = ["auto", *INITS.names()]
+        raise ConfigError(f"unknown initialization {init!r} (model.init); known: {', '.join(names)}"
+                          + did_you_mean(init, names))
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -4,7 +4,8 @@ IBP and CROWN-IBP), PGD adversarial accuracy.
 Evaluation uses the model's population BatchNorm statistics. A sample counts as adversarially
 robust when it is classified correctly and PGD (margin loss) finds no misclassified point; a
 certified sample is robust without being attacked. These are float32 screening numbers; the
-certification cascade (``ctbench certify``) gives the per-sample verdicts with a float64 check.
+certification cascade (``ctbench certify``) gives the per-sample verdicts, proven by rigorous
+floating-point bounds.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, merge, read_yaml
+from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, did_you_mean, merge, read_yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SETTING_FILE = "setting.yaml"
@@ -20,9 +20,17 @@ def preset_data(name: str) -> dict[str, Any]:
     setting, _, method = name.partition("/")
     path = CONFIG_DIR / setting / f"{method}.yaml"
     if not method or not path.exists():
-        raise ConfigError(f"unknown preset {name!r}; `ctbench presets` lists them: " + ", ".join(preset_names()))
+        raise ConfigError(_unknown_preset(name))
     base = CONFIG_DIR / setting / SETTING_FILE
     return merge(read_yaml(base) if base.exists() else {}, read_yaml(path))
+
+
+def _unknown_preset(name: str) -> str:
+    names = preset_names()
+    settings = sorted({known.partition("/")[0] for known in names})
+    methods = sorted({known.partition("/")[2] for known in names})
+    return (f"unknown preset {name!r}; a preset is SETTING/METHOD with SETTING one of {', '.join(settings)} and "
+            f"METHOD one of {', '.join(methods)} (`ctbench presets` lists them){did_you_mean(name, names)}")
 
 
 def source_data(source: str | Path) -> dict[str, Any]:

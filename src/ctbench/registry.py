@@ -3,14 +3,18 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from .config import ConfigError, did_you_mean
+
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A table of named entries of one kind (e.g. "method"); duplicate names are an error."""
+    """A table of named entries of one kind (e.g. "method"); duplicate names are an error.
+    ``key`` is the config key that names an entry (e.g. "method.name"), for error messages."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, key: str | None = None) -> None:
         self.kind = kind
+        self.key = key
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -26,8 +30,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries))
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            where = f" ({self.key})" if self.key else ""
+            raise ConfigError(f"unknown {self.kind} {name!r}{where}; known: {', '.join(self.names())}"
+                              + did_you_mean(str(name), self.names())) from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -19,6 +19,8 @@ from ..bounds.box import Box, box_memory_format
 
 LogitsFn = Callable[[Tensor], Tensor]
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHOICES = {"step_relative_to": ("half_width", "width"), "step_schedule": ("constant", "decay"),
+           "random_start": ("clamped_noise", "uniform", "center")}
 # (logits, labels) -> per-sample loss to maximize; labels may carry extra columns (e.g. targets)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -26,17 +28,25 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 @dataclass(frozen=True)
 class PGDSettings:
     """steps: gradient steps per restart; restarts: independent random starts; step_size:
-    sign-step length as a fraction of the box width, multiplied by step_decay at each fraction
-    of the run listed in decay_at; random_start: uniform start in the box, else its center;
+    sign-step length per coordinate as a fraction of the box's ``step_relative_to`` ("width"
+    or "half_width", per coordinate); step_schedule: "decay" multiplies it by step_decay at
+    each fraction of the run listed in decay_at, "constant" keeps it; random_start: "uniform"
+    in the box, "clamped_noise" (the origin plus uniform noise of the box's half-width, clamped
+    to the box: the reference's start, where pixels at 0 or 1 start on a face) or "center";
     precision: "float32", or "bfloat16"/"float16" to run the network under autocast (the
-    attack only proposes points, so reduced precision cannot make a bound unsound)."""
+    attack only proposes points, so reduced precision cannot make a bound unsound).
+
+    The defaults are ctbench's evaluation attack; training attacks take theirs from the
+    config's ``attack`` section, whose defaults are the reference's (REFERENCE.md)."""
 
     steps: int = 10
     restarts: int = 3
     step_size: float = 0.25
+    step_relative_to: str = "width"
+    step_schedule: str = "decay"
     step_decay: float = 0.5
     decay_at: tuple[float, ...] = (0.5, 0.75)
-    random_start: bool = True
+    random_start: str = "uniform"
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -46,6 +56,9 @@ class PGDSettings:
             raise ValueError(f"PGD needs steps >= 0 and restarts >= 1, got {self.steps}, {self.restarts}")
         if self.step_size <= 0:
             raise ValueError(f"PGD step_size must be positive, got {self.step_size}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"attack {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 def cross_entropy_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -60,16 +73,36 @@ def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _step_sizes(settings: PGDSettings) -> list[float]:
+    """Each step's length as a fraction of the box width."""
+    base = settings.step_size / 2 if settings.step_relative_to == "half_width" else settings.step_size
     sizes = []
     for step in range(settings.steps):
         decays = sum(1 for at in settings.decay_at if step >= at * settings.steps)
-        sizes.append(settings.step_size * settings.step_decay ** decays)
+        sizes.append(base * settings.step_decay ** decays if settings.step_schedule == "decay" else base)
     return sizes
 
 
+def _start(points: Tensor, buffer: Tensor, lower: Tensor, upper: Tensor, origin: Tensor | None, kind: str,
+           generator: torch.Generator | None) -> None:
+    """Fill the (restarts, B, ...) view ``points`` (of ``buffer``) with the start points, in place."""
+    if kind == "center":
+        points.copy_(((lower + upper) / 2).expand_as(points))
+        return
+    buffer.uniform_(generator=generator)
+    if kind == "uniform":
+        points.mul_(upper - lower).add_(lower)
+        return
+    center = (lower + upper) / 2 if origin is None else origin.detach()
+    points.sub_(0.5).mul_(upper - lower).add_(center)  # noise of the half-width around the origin
+    torch.maximum(points, lower, out=points)
+    torch.minimum(points, upper, out=points)
+
+
 def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSettings,
-               loss_fn: LossFn = cross_entropy_loss, generator: torch.Generator | None = None) -> Tensor:
+               loss_fn: LossFn = cross_entropy_loss, generator: torch.Generator | None = None,
+               origin: Tensor | None = None) -> Tensor:
     """The highest-loss point found in ``box`` for each sample (shape of box.lower), detached.
+    ``origin`` (the clean input) is where a "clamped_noise" start is centred; default the box centre.
 
     The restarts are one batch of restarts x B points; the box is not copied per restart but
     broadcast over a (restarts, B, ...) view of the points, and each step updates the points in
@@ -81,11 +114,7 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     buffer = torch.empty((restarts * batch, *lower.shape[1:]), dtype=lower.dtype, device=lower.device,
                         memory_format=box_memory_format(lower))
     points = buffer.view(restarts, *lower.shape)  # the same storage, one row of boxes per restart
-    if settings.random_start:
-        buffer.uniform_(generator=generator)
-        points.mul_(width).add_(lower)
-    else:
-        points.copy_((lower + width / 2).expand_as(points))
+    _start(points, buffer, lower, upper, origin, settings.random_start, generator)
     targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
     best_point = buffer.clone()
     dtype = PRECISIONS[settings.precision]

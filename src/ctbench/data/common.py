@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import ConfigError
 from ..models import InputSpec
 from ..registry import Registry
 
@@ -66,7 +67,7 @@ class DatasetInfo:
     load: Callable[[Path, bool], tuple[Split, Split]]  # (root, download) -> (train, test)
 
 
-DATASETS: Registry[DatasetInfo] = Registry("dataset")
+DATASETS: Registry[DatasetInfo] = Registry("dataset", key="data.dataset")
 
 
 def data_root(data_dir: str | os.PathLike | None) -> Path:
@@ -84,7 +85,8 @@ def split_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:
     """Carve a fixed, seeded validation split out of the training set (used for model
     selection, so the test set is only touched for the final numbers)."""
     if size < 0 or size >= len(train):
-        raise ValueError(f"data.validation_size={size} must be in [0, {len(train)})")
+        raise ConfigError(f"data.validation_size={size} must be in [0, {len(train)}): smaller than the "
+                          f"{len(train)} training images it is carved from")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train.subset(order[size:]), train.subset(order[:size])
 

@@ -51,13 +51,15 @@ class StepInputs:
 
 @dataclass
 class RobustLoss:
-    """L_rob of a batch, with named metrics for the log. ``ibp_boxes`` are the IBP boxes of the
-    full eps box after every op but the last, when the method computed them, so the warm-up
-    regularizer can reuse them instead of propagating again."""
+    """L_rob of a batch, with named metrics for the log. ``ibp_boxes`` are the IBP boxes of
+    ``ibp_input_box`` after every op but the last, when the method computed them, so the warm-up
+    regularizer can reuse them instead of propagating again (and, for SABR, measure the box
+    the method bounded, as the reference does)."""
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     ibp_boxes: list[Box] | None = None
+    ibp_input_box: Box | None = None
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,23 @@ class Method:
     def robust_loss(self, step: StepInputs) -> RobustLoss:
         raise NotImplementedError
 
-    def attack_settings(self) -> PGDSettings:
+    def reference_step_fraction(self, steps: int) -> float:
+        """The reference's sign step as a fraction of the box's half-width when attack.step_size
+        is unset: max(0.25, 2/steps) for its PGD, MTL-IBP and EDAC attacks (one step reaches a face)."""
+        return max(0.25, 2 / max(steps, 1))
+
+    def attack_settings(self, reference_fraction: float | None = None) -> PGDSettings:
+        """The config's attack. An unset attack.step_size takes ``reference_fraction`` of the
+        half-width (default: this method's), halved when steps are relative to the width."""
         attack = self.config.attack
-        return PGDSettings(steps=attack.steps, restarts=attack.restarts, step_size=attack.step_size,
+        step_size = attack.step_size
+        if step_size is None:
+            fraction = self.reference_step_fraction(attack.steps) if reference_fraction is None else reference_fraction
+            step_size = fraction if attack.step_relative_to == "half_width" else fraction / 2
+        return PGDSettings(steps=attack.steps, restarts=attack.restarts, step_size=step_size,
+                           step_relative_to=attack.step_relative_to, step_schedule=attack.step_schedule,
                            step_decay=attack.step_decay, decay_at=attack.decay_at,
                            random_start=attack.random_start, precision=attack.precision)
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", key="method.name")

@@ -18,7 +18,7 @@ def ibp_loss(step: StepInputs, box: Box, options: IBPOptions = IBPOptions()) -> 
     margin_lower, boxes = ibp_margin_lower(step.ops, box, step.labels, options)
     loss = F.cross_entropy(worst_case_logits(margin_lower), step.labels)
     certified = is_certified(margin_lower.detach(), step.labels).float().mean().item()
-    return RobustLoss(loss, {"ibp_certified": certified}, boxes)
+    return RobustLoss(loss, {"ibp_certified": certified}, boxes, box)
 
 
 @METHODS.register("ibp")

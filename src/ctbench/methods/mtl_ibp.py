@@ -36,4 +36,4 @@ class MtlIbp(Method):
         pgd = F.cross_entropy(adversarial_logits, step.labels)
         ibp = ibp_loss(step, step.box())
         metrics = {**ibp.metrics, "pgd_accuracy": (adversarial_logits.argmax(1) == step.labels).float().mean().item()}
-        return RobustLoss(tau * ibp.loss + (1 - tau) * pgd, metrics, ibp.ibp_boxes)
+        return RobustLoss(tau * ibp.loss + (1 - tau) * pgd, metrics, ibp.ibp_boxes, ibp.ibp_input_box)

@@ -1,8 +1,9 @@
 """PGD adversarial training (Madry et al. 2018).
 
-L_rob = CE at the highest-loss point PGD finds in the eps box (random start, restarts, decaying
-sign steps; the attack settings are the config's ``attack`` section). The attack runs on the
-detached network with this step's clean BatchNorm statistics.
+L_rob = CE at the highest-loss point PGD finds in the eps box (random start around the clean
+input, restarts, sign steps of max(0.25, 2/steps) x the box's half-width as in the reference
+unless ``attack`` says otherwise). The attack runs on the detached network with this step's
+clean BatchNorm statistics.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .base import METHODS, Method, RobustLoss, StepInputs
 
 def adversarial_point(method: Method, step: StepInputs, radius: float | None = None):
     eps = step.eps * method.config.attack.eps_factor if radius is None else radius
-    return pgd_attack(step.attack_logits, step.box(eps), step.labels, method.attack_settings())
+    return pgd_attack(step.attack_logits, step.box(eps), step.labels, method.attack_settings(), origin=step.inputs)
 
 
 @METHODS.register("pgd")

@@ -7,7 +7,10 @@ outputs at those points form the worst-case logits of the TAPS cross-entropy. Gr
 the latent box bounds through a rectified linear link: for the upper bound, weight 0 where
 the point lies below ub - c (ub - lb) rising linearly to 1 at ub (c = 0.5), symmetrically for
 the lower bound; that gradient is multiplied by ``gradient_scale``. L_rob = TAPS-CE x IBP-CE.
-During the eps warm-up TAPS falls back to plain IBP.
+During the eps warm-up TAPS falls back to plain IBP. Unless attack.step_size is set, the latent
+attack steps max(0.2, 2/steps) x the latent box's width, as the reference's (whose start is
+uniform in the box, which "clamped_noise" around the centre is; its x0.2 decay after 70% of
+10 or more steps is not applied under step_schedule constant).
 
 Options: classifier_size (ReLU layers in the head, default 1), gradient_scale (default 4).
 Usage: ``ctbench train mnist-0.1/taps``.
@@ -28,6 +31,11 @@ from .base import METHODS, Method, RobustLoss, StepInputs
 from .ibp import ibp_loss
 
 LINK_FRACTION = 0.5
+
+
+def latent_step_fraction(steps: int) -> float:
+    """The reference's latent step, max(0.2, 2/steps) of the width, as a fraction of the half-width."""
+    return 2 * max(0.2, 2 / max(steps, 1))
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,8 @@ def taps_loss(method: Method, step: StepInputs, box: Box, options: TapsOptions) 
     targets = others[others != labels[:, None]].view(batch, classes - 1)
     pairs = torch.stack([labels[:, None].expand_as(targets), targets], dim=2).flatten(0, 1)
     expanded = latent.detach().repeat(classes - 1, interleave=True)
-    points = pgd_attack(lambda z: run_ops(attack_head, z), expanded, pairs, method.attack_settings(),
-                        loss_fn=_target_margin)
+    settings = method.attack_settings(latent_step_fraction(method.config.attack.steps))
+    points = pgd_attack(lambda z: run_ops(attack_head, z), expanded, pairs, settings, loss_fn=_target_margin)
     points = points.view(batch, classes - 1, *points.shape[1:])
     head_logits = run_ops(head, linked_point(points, latent, options.gradient_scale).flatten(0, 1))
     margins = -_target_margin(head_logits, pairs).view(batch, classes - 1)  # z_y - z_t

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..registry import Registry
 
-INITS: Registry = Registry("initialization")
+INITS: Registry = Registry("initialization", key="model.init")
 
 
 def _affine_layers(model: nn.Module) -> list[nn.Module]:

@@ -181,7 +181,7 @@ def fold_affine(ops: Sequence[Op]) -> tuple[Op, ...]:
         if isinstance(op, ChannelAffineOp) and folded and isinstance(folded[-1], (LinearOp, ConvOp)):
             folded[-1] = _fold(folded[-1], op)
         elif isinstance(op, ChannelAffineOp) and _is_identity(op):
-            continue  # e.g. MNIST's normalization (mean 0, std 1)
+            continue  # e.g. the normalization under data.normalize=false (mean 0, std 1)
         else:
             folded.append(op)
     return tuple(folded)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bounds import Box
+from ..models import Normalize
 from ..models.ops import Op, ReluOp
 
 
@@ -16,11 +17,22 @@ def l1_penalty(model: nn.Module) -> Tensor:
     return sum(w.abs().sum() for w in weights)
 
 
+def shi_input_box(model: nn.Sequential, box: Box, space: str) -> Box:
+    """The input box of the tightness term: after the network's normalization layer
+    ("normalized", radius eps/std, as in Shi et al.'s code, where data is normalized before the
+    net, and the reference), or the pixel-space box ("pixel")."""
+    first = model[0]
+    if space == "pixel" or not isinstance(first, Normalize):
+        return box
+    return Box(first(box.lower), first(box.upper))
+
+
 def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], tolerance: float = 0.5) -> Tensor:
     """Shi et al. 2021, averaged over ReLU layers, from the IBP boxes of the pre-activations:
 
-    * tightness: relu(tol - r_in / r_layer) / tol, with r the mean box radius, which keeps
-      bounds from growing faster than the input box through the layers;
+    * tightness: relu(tol - r_in / r_layer) / tol, with r the mean box radius (r_in that of
+      ``input_box``, see ``shi_input_box``), which keeps bounds from growing faster than the
+      input box through the layers;
     * ReLU balance: relu(tol - min(rho, 1/rho)) / tol for rho = ratio of the mean centre of
       active to (minus) inactive neurons, and again for the ratio of their spreads around the
       layer mean, which keeps IBP from killing one side of the ReLUs.

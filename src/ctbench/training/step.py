@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from ..bounds import interval_bounds, linf_box
 from ..config import TrainConfig
-from ..methods import Method, StepInputs
-from ..models.ops import BatchNormStats, clean_forward, lower_network, run_ops
-from .regularizers import l1_penalty, shi_warmup_penalty
+from ..methods import Method, RobustLoss, StepInputs
+from ..models.ops import BatchNormStats, Op, clean_forward, lower_network, run_ops
+from .regularizers import l1_penalty, shi_input_box, shi_warmup_penalty
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,24 @@ def _sub_batch_loss(model: nn.Module, method: Method, config: TrainConfig, setti
     loss = config.method.w_rob * robust.loss
     regularization = config.regularization
     if regularization.shi_weight > 0 and method.certified and settings.eps < settings.eps_target:
-        box = linf_box(images, max(settings.eps, 1e-6))
-        boxes = robust.ibp_boxes if (robust.ibp_boxes is not None and settings.eps >= 1e-6) else interval_bounds(ops[:-1], box)
-        penalty = shi_warmup_penalty(ops, box, boxes, regularization.shi_tolerance)
+        penalty = _shi_penalty(model, ops, images, settings.eps, robust, config)
         loss = loss + regularization.shi_weight * (1 - settings.eps / settings.eps_target) * penalty
         metrics["shi_penalty"] = penalty.item()
     return loss, metrics
+
+
+def _shi_penalty(model: nn.Module, ops: tuple[Op, ...], images: Tensor, eps: float, robust: RobustLoss,
+                 config: TrainConfig) -> Tensor:
+    """Shi et al.'s regularizer on the box the method bounded (the eps box; SABR's small box),
+    else on the eps box; eps at least 1e-6 (the reference)."""
+    if robust.ibp_boxes is not None and eps >= 1e-6:
+        box, boxes = robust.ibp_input_box, robust.ibp_boxes
+    else:
+        box = linf_box(images, max(eps, 1e-6))
+        boxes = interval_bounds(ops[:-1], box)
+    regularization = config.regularization
+    return shi_warmup_penalty(ops, shi_input_box(model, box, regularization.shi_input_space), boxes,
+                              regularization.shi_tolerance)
 
 
 def compute_step_gradients(model: nn.Module, method: Method, config: TrainConfig, settings: StepSettings,
@@ -100,7 +112,7 @@ def training_step(model: nn.Module, method: Method, optimizer: torch.optim.Optim
                   settings: StepSettings, images: Tensor, labels: Tensor) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
     metrics = compute_step_gradients(model, method, config, settings, images, labels)
-    if config.optim.grad_clip > 0:
+    if config.optim.grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         metrics["grad_norm"] = norm.item()
     optimizer.step()

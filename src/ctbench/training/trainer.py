@@ -5,7 +5,8 @@ after every epoch: weights, optimizer, SWA average, best-so-far), ``best.pt`` (t
 selected on the validation split), ``final.pt`` (the model the run hands on: the best epoch, or
 the SWA average), ``metrics.jsonl`` (one line per epoch) and ``results.json`` (test numbers).
 Every epoch seeds its own random streams from (seed, epoch), so a run resumed from its last
-checkpoint ends exactly where an uninterrupted one would.
+checkpoint ends exactly where an uninterrupted one would. A new run that fails before its first
+checkpoint removes what it wrote; a diverging run (``OptimConfig``) stops and keeps its last checkpoint.
 """
 from __future__ import annotations
 
@@ -21,26 +22,38 @@ from torch import nn
 
 from ..attacks import PGDSettings
 from ..config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_yaml
-from ..data import Dataset, iterate_batches, load_dataset, num_batches, split_validation
+from ..data import Dataset, Split, iterate_batches, load_dataset, num_batches, split_validation
 from ..evaluation import EvaluationResult, evaluate
 from ..io import atomic_write_json
 from ..methods import METHODS, Method
 from ..models import build_model, initialize
 from .batchnorm import recompute_population_statistics
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .divergence import DivergenceError, DivergenceMonitor
 from .schedules import eps_at, lr_at
 from .step import StepSettings, training_step
 
 ProgressFactory = Callable[[Iterable, int, str], Iterable]
 
 
+def available_devices() -> list[str]:
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device for "auto" (CUDA if there is one, else the CPU) or a name available on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
-    return device
+    available = available_devices()
+    if name not in available:
+        raise ConfigError(f"device {name!r} is not available; use auto, cpu, cuda, cuda:N or mps "
+                          f"(available here: {', '.join(available)})")
+    return torch.device(name)
 
 
 def make_method(config: TrainConfig) -> Method:
@@ -48,6 +61,9 @@ def make_method(config: TrainConfig) -> Method:
 
 
 def build_model_for(config: TrainConfig, dataset_spec) -> nn.Sequential:
+    if not config.data.normalize:  # the first layer stays, as the identity, so checkpoints keep one layout
+        dataset_spec = dataclasses.replace(dataset_spec, mean=(0.0,) * dataset_spec.channels,
+                                           std=(1.0,) * dataset_spec.channels)
     return build_model(config.model.architecture, dataset_spec, config.model.batch_norm)
 
 
@@ -105,9 +121,7 @@ class Trainer:
         self.method = make_method(config)
         data = config.data
         self.dataset = dataset or load_dataset(data.dataset, data.data_dir, data.download)
-        train = self.dataset.train
-        if data.train_subset is not None:
-            train = train.head(data.train_subset + data.validation_size)
+        train = self._training_images()
         self.train_split, self.validation_split = split_validation(train, data.validation_size, config.seed)
         self.augmentation = dataclasses.replace(self.dataset.augmentation, padding_mode=data.padding_mode)
         torch.manual_seed(config.seed)
@@ -117,6 +131,19 @@ class Trainer:
         self.model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr)
         self.selection = selection_metric(config, self.method)
+        self.divergence = DivergenceMonitor(config.optim.divergence_factor)
+        self._created_run_dir = False
+
+    def _training_images(self) -> Split:
+        """The first train_subset + validation_size training images (all of them without a subset)."""
+        data, train = self.config.data, self.dataset.train
+        if data.train_subset is None:
+            return train
+        wanted = data.train_subset + data.validation_size
+        if wanted > len(train):
+            raise ConfigError(f"data.train_subset={data.train_subset} plus data.validation_size={data.validation_size} "
+                              f"is more than the {len(train)} training images of {data.dataset}; lower either")
+        return train.head(wanted)
 
     # -- run folder -------------------------------------------------------------------------
     @property
@@ -131,6 +158,7 @@ class Trainer:
             if self.checkpoint_path.exists():
                 raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                                       "or choose another --out folder")
+            self._created_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.config, self.run_dir / "config.yaml")
             (self.run_dir / "metrics.jsonl").write_text("")
@@ -158,13 +186,28 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        config = self.config
         first_epoch, best, average = self._start(resume)
+        try:
+            return self._run_epochs(first_epoch, best, average)
+        except BaseException:
+            if not self.checkpoint_path.exists():
+                self._remove_unstarted_run()
+            raise
+
+    def _remove_unstarted_run(self) -> None:
+        """A new run that failed before its first checkpoint leaves no half-made run folder."""
+        for name in ("config.yaml", "metrics.jsonl", "best.pt"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        if self._created_run_dir and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+
+    def _run_epochs(self, first_epoch: int, best: dict, average: _Average) -> dict:
+        config = self.config
         for epoch in range(first_epoch, config.optim.epochs):
-            record = self._train_epoch(epoch)
+            record = self._train_epoch(epoch, average)
             recompute_population_statistics(self.model, self.train_split, config.evaluation.batch_size, self.device,
                                             config.evaluation.population_batches)
-            if config.swa.start_epoch is not None and epoch >= config.swa.start_epoch:
+            if self._swa_active(epoch) and config.swa.every_steps is None:
                 average.update(self.model)
             validation = self._validate()
             record["validation"] = _as_dict(validation)
@@ -182,7 +225,15 @@ class Trainer:
                 log.write(json.dumps(record) + "\n")
         return self._finish(best, average)
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _swa_active(self, epoch: int) -> bool:
+        return self.config.swa.start_epoch is not None and epoch >= self.config.swa.start_epoch
+
+    def _swa_snapshot_due(self, epoch: int, iteration: int, batches: int) -> bool:
+        """Every swa.every_steps optimizer steps, counted from the start of training (the reference)."""
+        every = self.config.swa.every_steps
+        return self._swa_active(epoch) and every is not None and (epoch * batches + iteration + 1) % every == 0
+
+    def _train_epoch(self, epoch: int, average: _Average) -> dict:
         config = self.config
         torch.manual_seed(_epoch_seed(config.seed, epoch))
         generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
@@ -200,10 +251,10 @@ class Trainer:
             settings = StepSettings(eps=eps, eps_target=config.eps.train_eps, num_classes=self.dataset.spec.classes)
             images = images.contiguous(memory_format=self.memory_format)
             metrics = training_step(self.model, self.method, self.optimizer, config, settings, images, labels)
+            self._check_divergence(metrics, epoch, iteration, batches, eps)
+            if self._swa_snapshot_due(epoch, iteration, batches):
+                average.update(self.model)
             for key, value in metrics.items():
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise FloatingPointError(f"{key} became {value} at epoch {epoch}, iteration {iteration} "
-                                             f"(eps {eps:.4g}); lower optim.lr or check the method's settings")
                 totals[key] = totals.get(key, 0.0) + value
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{metrics.get('robust_loss', metrics['natural_loss']):.3f}", eps=f"{eps:.3f}")
@@ -211,6 +262,20 @@ class Trainer:
         return {"epoch": epoch, "lr": lr_at(config.optim, epoch), "eps": eps,
                 "train": {k: v / batches for k, v in totals.items()},
                 "train_seconds": time.perf_counter() - started}
+
+    def _check_divergence(self, metrics: dict, epoch: int, iteration: int, batches: int, eps: float) -> None:
+        """Stop on a diverged step (DivergenceMonitor) before anything of it is saved."""
+        problem = self.divergence.problem(metrics)
+        if problem is None:
+            return
+        config = self.config
+        kept = (f"The last good checkpoint (epoch {epoch}) is kept in {self.checkpoint_path}."
+                if self.checkpoint_path.exists() else "No checkpoint was written yet, so the run's files are removed.")
+        raise DivergenceError(
+            f"training diverged at epoch {epoch + 1}/{config.optim.epochs}, step {iteration + 1}/{batches} "
+            f"(lr {self.optimizer.param_groups[0]['lr']:g}, eps {eps:.4g}): {problem}. Likely causes: optim.lr too "
+            f"high, eps.train_eps too large for this model, or a method setting; lower optim.lr and train anew "
+            f"(optim.divergence_factor: null turns the loss limit off). {kept}")
 
     def _attack_settings(self) -> PGDSettings:
         evaluation = self.config.evaluation
@@ -240,7 +305,7 @@ class Trainer:
             self.model.load_state_dict(average.state)
             recompute_population_statistics(self.model, self.train_split, config.evaluation.batch_size, self.device,
                                             config.evaluation.population_batches)
-            source = f"SWA over epochs {config.swa.start_epoch}-{config.optim.epochs - 1}"
+            source = f"SWA of {average.count} snapshots over epochs {config.swa.start_epoch}-{config.optim.epochs - 1}"
         elif best["epoch"] is not None:
             load_model_state(self.model, load_checkpoint(self.run_dir / "best.pt")["model"], "best.pt")
             source = (f"epoch {best['epoch']} (the last)" if self.selection == "last"

@@ -123,3 +123,20 @@ def test_preset_values_equal_the_paper_tables(setting, method, expected):
     if config.swa.start_epoch is not None:  # SWA hands on its average: nothing to select, all data trained on
         assert config.data.validation_size == 0 and config.swa.every_steps == 10
     assert config.attack.step_size is None  # each method's reference step (attack.step_size unset)
+
+
+def test_a_config_saved_before_the_reference_keys_reads_as_the_behaviour_it_was_trained_with():
+    from ctbench.config import config_to_dict, saved_config_from_dict
+
+    saved = config_to_dict(load_config("mnist-mini-0.1/sabr"))
+    for section, key in (("attack", "step_relative_to"), ("attack", "step_schedule"),
+                         ("regularization", "shi_input_space"), ("swa", "every_steps"), ("data", "normalize")):
+        del saved[section][key]
+    del saved["method"]["regularizer_box"]
+    saved["attack"]["random_start"] = True
+    old = saved_config_from_dict(saved)
+    assert (old.attack.random_start, old.attack.step_relative_to, old.attack.step_schedule) == ("uniform", "width", "decay")
+    assert old.regularization.shi_input_space == "pixel" and old.swa.every_steps is None
+    assert old.data.normalize is False and old.method.options.regularizer_box == "full"
+    current = load_config("mnist-mini-0.1/sabr")  # a config saved today reads back unchanged
+    assert saved_config_from_dict(config_to_dict(current)) == current

@@ -7,7 +7,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, saved_config_from_dict
 from .data import DataError
 
 
@@ -75,7 +75,7 @@ def load_trained(source: str):
     state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise ConfigError(f"{path} is not a ctbench checkpoint (no config or model entry)")
-    config = config_from_dict(state["config"])
+    config = saved_config_from_dict(state["config"])
     model = build_model_for(config, DATASETS.get(config.data.dataset).spec)
     load_model_state(model, state["model"], str(path))
     return model.eval(), config

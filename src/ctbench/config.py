@@ -277,6 +277,34 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
+# What a config saved before a key existed meant: the behaviour of ctbench at the time. A saved
+# config (checkpoint, run folder) is read with these defaults, so its run resumes and evaluates
+# as it was trained; presets and new configs get the dataclass defaults.
+LEGACY_DEFAULTS = {
+    ("attack", "step_relative_to"): "width",
+    ("attack", "step_schedule"): "decay",
+    ("regularization", "shi_input_space"): "pixel",
+    ("swa", "every_steps"): None,
+}
+
+
+def saved_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """``config_from_dict`` for a config saved by any ctbench version (``LEGACY_DEFAULTS``; the
+    old boolean ``attack.random_start``; MNIST was not normalized before ``data.normalize``)."""
+    data = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        data.setdefault(section, {}).setdefault(key, value)
+    attack = data["attack"]
+    if isinstance(attack.get("random_start"), bool):
+        attack["random_start"] = "uniform" if attack["random_start"] else "center"
+    if data.get("data", {}).get("dataset", "mnist") == "mnist":
+        data.setdefault("data", {}).setdefault("normalize", False)
+    method = data.get("method", {})
+    if method.get("name") in ("sabr", "staps"):
+        method.setdefault("regularizer_box", "full")
+    return config_from_dict(data)
+
+
 def validate(config: TrainConfig) -> None:
     _validate_ranges(config)
     _validate_schedule(config)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, did_you_mean, merge, read_yaml
+from .config import (
+    ConfigError, TrainConfig, apply_overrides, config_from_dict, did_you_mean, merge, read_yaml, saved_config_from_dict,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SETTING_FILE = "setting.yaml"
@@ -51,7 +53,9 @@ def source_data(source: str | Path) -> dict[str, Any]:
 
 
 def load_config(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    return config_from_dict(apply_overrides(source_data(source), overrides or []))
+    """The config of a preset, a YAML file, or a run folder (read as a saved config)."""
+    read = saved_config_from_dict if Path(source).is_dir() else config_from_dict
+    return read(apply_overrides(source_data(source), overrides or []))
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGDSettings
-from ..config import ConfigError, TrainConfig, config_from_dict, config_to_dict, dump_yaml
+from ..config import ConfigError, TrainConfig, config_to_dict, dump_yaml, saved_config_from_dict
 from ..data import Dataset, Split, iterate_batches, load_dataset, num_batches, split_validation
 from ..evaluation import EvaluationResult, evaluate
 from ..io import atomic_write_json
@@ -167,7 +167,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume: no checkpoint.pt in {self.run_dir}")
         state = load_checkpoint(self.checkpoint_path)
         # compare as typed configs, so keys added with defaults since the run started do not count
-        if config_from_dict(state.get("config", {})) != self.config:
+        if saved_config_from_dict(state.get("config", {})) != self.config:
             raise CheckpointError(f"cannot resume {self.run_dir}: its config differs from the one given; "
                                   "resume with the run's own config (ctbench train --resume RUN_DIR)")
         load_model_state(self.model, state["model"], str(self.checkpoint_path))

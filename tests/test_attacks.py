@@ -149,3 +149,13 @@ def test_unknown_step_semantics_are_rejected():
         PGDSettings(step_relative_to="quarter_width")
     with pytest.raises(ValueError, match="random_start"):
         PGDSettings(random_start=True)
+
+
+def test_auto_precision_is_bfloat16_exactly_where_the_cpu_has_fast_bf16(monkeypatch):
+    from ctbench.attacks import pgd
+
+    monkeypatch.setattr(pgd, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert pgd.resolve_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(pgd, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert pgd.resolve_precision("auto", "cpu") == "float32"
+    assert pgd.resolve_precision("bfloat16", "cpu") == "bfloat16"  # an explicit choice is kept

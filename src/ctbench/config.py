@@ -109,7 +109,9 @@ class AttackConfig:
     # "uniform": uniform in the box; "center": the box centre
     random_start: str = "clamped_noise"
     eps_factor: float = 1.0  # attack box radius = eps_factor x eps (MTL-IBP on CIFAR-10 2/255: 2)
-    precision: str = "float32"  # float32, or bfloat16 / float16 autocast for the attack passes only
+    # float32, or bfloat16 / float16 autocast for the attack passes only, or auto: bfloat16 where
+    # the device has fast bf16 matmuls (AVX512-BF16/AMX CPUs, CUDA with bf16), float32 elsewhere
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -320,8 +322,8 @@ def validate(config: TrainConfig) -> None:
                           "data.validation_size is 0; set a size, or selection auto/last (the last epoch)")
     if config.memory_format not in ("channels_last", "contiguous"):
         raise ConfigError(f"memory_format: use channels_last or contiguous, got {config.memory_format!r}")
-    if config.attack.precision not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"attack.precision: use float32, bfloat16 or float16, got {config.attack.precision!r}")
+    if config.attack.precision not in ("float32", "bfloat16", "float16", "auto"):
+        raise ConfigError(f"attack.precision: use float32, bfloat16, float16 or auto, got {config.attack.precision!r}")
     if config.data.padding_mode not in ("zeros", "replicate"):
         raise ConfigError(f"data.padding_mode: use zeros or replicate, got {config.data.padding_mode!r}")
     _validate_choices(config)

@@ -8,7 +8,9 @@ and the highest-loss point per sample is kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor
 from ..bounds.box import Box, box_memory_format
 
 LogitsFn = Callable[[Tensor], Tensor]
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 CHOICES = {"step_relative_to": ("half_width", "width"), "step_schedule": ("constant", "decay"),
            "random_start": ("clamped_noise", "uniform", "center")}
 # (logits, labels) -> per-sample loss to maximize; labels may carry extra columns (e.g. targets)
@@ -34,7 +36,8 @@ class PGDSettings:
     in the box, "clamped_noise" (the origin plus uniform noise of the box's half-width, clamped
     to the box: the reference's start, where pixels at 0 or 1 start on a face) or "center";
     precision: "float32", or "bfloat16"/"float16" to run the network under autocast (the
-    attack only proposes points, so reduced precision cannot make a bound unsound).
+    attack only proposes points, so reduced precision cannot make a bound unsound), or "auto":
+    bfloat16 where the device has fast bf16 matmuls (``fast_bfloat16``), else float32.
 
     The defaults are ctbench's evaluation attack; training attacks take theirs from the
     config's ``attack`` section, whose defaults are the reference's (REFERENCE.md)."""
@@ -117,7 +120,7 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     _start(points, buffer, lower, upper, origin, settings.random_start, generator)
     targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
     best_point = buffer.clone()
-    dtype = PRECISIONS[settings.precision]
+    dtype = PRECISIONS[resolve_precision(settings.precision, buffer.device)]
     autocast = torch.autocast(buffer.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     best_loss = torch.full((targets.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
     for step_size in _step_sizes(settings) + [None]:
@@ -138,3 +141,34 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     winner = best_loss.view(restarts, batch).argmax(dim=0)
     best_point = best_point.view(restarts, batch, *best_point.shape[1:])
     return best_point[winner, torch.arange(batch, device=labels.device)]
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matmuls are fast on ``device``: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The attack precision to use on ``device``: "auto" becomes bfloat16 or float32."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if fast_bfloat16(device) else "float32"

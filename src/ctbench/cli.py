@@ -471,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(run=cmd_presets)
 
     from .analysis.cli import add_analyze_parser
+    from .bench.cli import add_bench_parser
 
     add_analyze_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 

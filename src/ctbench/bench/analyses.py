@@ -1,0 +1,54 @@
+"""The analyses a suite may choose, by name, each a thin call of a ``ctbench.analysis`` function
+on the first ``count`` test samples of a job's model.
+
+``ANALYSES`` maps a name to its function and its options with their defaults; a suite names an
+analysis with optional options (``analyses: {tightness: {count: 200, max_neurons: 32}}``).
+Each function returns a JSON-ready dict (per-sample lists are dropped).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+DEFAULT_COUNT = 1000
+
+
+def _utilization(model: nn.Module, images, labels, eps: float, options: dict[str, Any]) -> dict:
+    from ..analysis import model_utilization
+
+    return model_utilization(model, images).as_dict()
+
+
+def _tightness(model: nn.Module, images, labels, eps: float, options: dict[str, Any]) -> dict:
+    from ..analysis import propagation_tightness
+
+    generator = torch.Generator().manual_seed(options["seed"])
+    result = propagation_tightness(model, images, labels, max_neurons=options["max_neurons"], generator=generator)
+    data = result.as_dict()
+    data.pop("per_sample")
+    return data
+
+
+def _fragmentation(model: nn.Module, images, labels, eps: float, options: dict[str, Any]) -> dict:
+    from ..analysis import unstable_neurons
+
+    generator = torch.Generator().manual_seed(options["seed"])
+    return unstable_neurons(model, images, eps, points=options["points"], generator=generator).as_dict()
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """run(model, images, labels, eps, options) -> dict; defaults: its options besides count."""
+
+    run: Callable[..., dict]
+    defaults: dict[str, Any]
+
+
+ANALYSES: dict[str, Analysis] = {
+    "utilization": Analysis(_utilization, {}),
+    "tightness": Analysis(_tightness, {"max_neurons": 64, "seed": 0}),
+    "fragmentation": Analysis(_fragmentation, {"points": 50, "seed": 0}),
+}

@@ -1,0 +1,214 @@
+"""``ctbench bench``: run a benchmark suite, print its tables, export its results.
+
+    ctbench bench run SUITE [--seeds 0,1,2] [--workers N] [--root runs/bench] [--db PATH] [--threads T]
+    ctbench bench table SUITE [--format md|latex|csv] [--seeds ...] [--db PATH]
+    ctbench bench times SUITE [--format md|latex|csv] [--seeds ...] [--db PATH]
+    ctbench bench export [--csv DIR] [--json FILE] [--cards DIR] [--suite NAME] [--db PATH]
+    ctbench bench suites
+
+SUITE is a shipped suite (``ctbench bench suites``) or a YAML file (schema: ``bench.suites``).
+``ctbench.cli.build_parser`` adds the command with ``add_bench_parser(commands)``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import ConfigError
+from .formats import FORMATS
+from .runner import Monitor
+from .store import StoreError
+
+DEFAULT_ROOT = Path("runs/bench")
+DATABASE_FILE = "ctbench.sqlite"
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand (with run, table, times, export, suites) to a subparsers object."""
+    parser = subparsers.add_parser("bench", help="benchmark suites: run, tables against the literature, export")
+    commands = parser.add_subparsers(dest="bench_command", required=True)
+
+    run = commands.add_parser("run", help="run a suite's missing jobs (train, certify, analyses); skips done ones")
+    _add_suite_options(run)
+    run.add_argument("--workers", type=_at_least_one, default=1,
+                     help="jobs in parallel processes; the CPU threads are split between them")
+    run.add_argument("--root", default=str(DEFAULT_ROOT), help="folder of the run folders (default: runs/bench)")
+    run.add_argument("--threads", type=_at_least_one, help="torch CPU threads in all (default: every core)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(run=cmd_run, on_interrupt=_interrupted)
+
+    for name, about in (("table", "Table 1: natural, certified and adversarial accuracy beside the literature"),
+                        ("times", "Table 8: train and certify time per method beside the paper's")):
+        table = commands.add_parser(name, help=about)
+        _add_suite_options(table)
+        table.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex or csv")
+        table.add_argument("--out", help="write the table to this file instead of printing it")
+        table.set_defaults(run=cmd_table, kind=name)
+
+    export = commands.add_parser("export", help="CSV and JSON of the database, and one model card per model")
+    export.add_argument("--csv", metavar="DIR", help="one <table>.csv per table")
+    export.add_argument("--json", metavar="FILE", help="every table in one JSON file")
+    export.add_argument("--cards", metavar="DIR", help="model cards, DIR/<dataset>/Linf/<name>.json (default: "
+                        "model_info/ in the --csv folder, else next to the --json file)")
+    export.add_argument("--suite", help="only this suite's rows")
+    export.add_argument("--db", default=str(DEFAULT_ROOT / DATABASE_FILE), help="results database")
+    export.set_defaults(run=cmd_export)
+
+    suites = commands.add_parser("suites", help="list the shipped suites")
+    suites.set_defaults(run=cmd_suites)
+    return parser
+
+
+def _add_suite_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", help="shipped suite name (`ctbench bench suites`) or a suite YAML file")
+    parser.add_argument("--seeds", help="comma-separated seeds for every group, e.g. 0,1,2 (default: the suite's)")
+    parser.add_argument("--db", help="results database (default: ROOT/ctbench.sqlite, ROOT = runs/bench)")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _suite(args):
+    from .suites import load_suite, parse_seeds
+
+    return load_suite(args.suite, parse_seeds(args.seeds) if args.seeds else None)
+
+
+def _database(args) -> Path:
+    return Path(args.db) if args.db else Path(getattr(args, "root", DEFAULT_ROOT)) / DATABASE_FILE
+
+
+def _reporting_store_errors(command):
+    """Print a database problem as a ctbench error (exit 2) instead of a traceback."""
+    def run(args) -> int:
+        try:
+            return command(args)
+        except StoreError as error:
+            print(f"ctbench: error: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+class BarMonitor(Monitor):
+    """One tqdm bar over the jobs (with its ETA), the phase of each running job as its postfix."""
+
+    def __init__(self, suite: str) -> None:
+        self.suite, self.bar = suite, None
+
+    def start(self, total: int, skipped: int) -> None:
+        from tqdm.auto import tqdm
+
+        if skipped:
+            print(f"{skipped} job(s) already done: skipped", file=sys.stderr)
+        if total:
+            self.bar = tqdm(total=total, desc=f"bench {self.suite}", unit="job", dynamic_ncols=True, file=sys.stderr)
+
+    def phases(self, running: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(" | ".join(running.values()), refresh=True)
+
+    def job_finished(self, job, status: str, error: str | None) -> None:
+        self.bar.update(1)
+        if status != "done":
+            self.bar.write(f"{job.label}: {status}{f' ({error})' if error else ''}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@_reporting_store_errors
+def cmd_run(args) -> int:
+    from .runner import run_suite
+
+    suite = _suite(args)
+    database = _database(args)
+    monitor = Monitor() if args.quiet else BarMonitor(suite.name)
+    report = run_suite(suite, Path(args.root), database, workers=args.workers, threads=args.threads, monitor=monitor)
+    print(f"suite {suite.name}: {len(report.done)} done now, {len(report.skipped)} done before, "
+          f"{len(report.failed)} failed; database {database}")
+    for label, error in report.failed:
+        print(f"  failed: {label}: {error}")
+    if report.failed:
+        print("rerun the same command to retry the failed and resume the interrupted jobs")
+    return 1 if report.failed else 0
+
+
+def _interrupted(args) -> str:
+    return (f"interrupted: finished jobs are in {_database(args)}, the run folders under {args.root} keep their "
+            f"checkpoints and verdicts; rerun the same command to resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# tables, export, suites
+
+
+@_reporting_store_errors
+def cmd_table(args) -> int:
+    from ..io import atomic_write_text
+    from .formats import render
+    from .store import connect
+    from .tables import accuracy_table, time_table
+
+    suite = _suite(args)
+    connection = connect(_database(args), create=False)
+    try:
+        table = (accuracy_table if args.kind == "table" else time_table)(connection, suite)
+    finally:
+        connection.close()
+    text = render(table, args.format)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+@_reporting_store_errors
+def cmd_export(args) -> int:
+    from .export import export_cards, export_csv, export_json
+    from .store import connect
+
+    if not (args.csv or args.json or args.cards):
+        raise ConfigError("nothing to export: give --csv DIR, --json FILE and/or --cards DIR")
+    connection = connect(Path(args.db), create=False)
+    try:
+        if args.csv:
+            print(f"csv: {len(export_csv(connection, Path(args.csv), args.suite))} tables in {args.csv}")
+        if args.json:
+            print(f"json: {export_json(connection, Path(args.json), args.suite)}")
+        cards = _cards_folder(args)
+        print(f"model cards: {len(export_cards(connection, cards, args.suite))} in {cards}")
+    finally:
+        connection.close()
+    return 0
+
+
+def _cards_folder(args) -> Path:
+    """--cards, else model_info/ in the --csv folder, else next to the --json file."""
+    if args.cards:
+        return Path(args.cards)
+    return Path(args.csv) / "model_info" if args.csv else Path(args.json).parent / "model_info"
+
+
+def cmd_suites(args) -> int:
+    from .suites import load_suite, suite_names
+
+    for name in suite_names():
+        suite = load_suite(name)
+        print(f"{name:12s} {len(suite.jobs):3d} jobs  {suite.description}")
+    return 0

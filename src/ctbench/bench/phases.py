@@ -1,0 +1,178 @@
+"""The phases of a job, as a worker runs them: train -> certify -> analyses.
+
+A worker writes only its run folder (``jobs`` describes the layout): the Trainer's files, the
+cascade's verdicts, and one phase record per phase (``bench-train.json``,
+``certify-*/bench-certify.json``, ``analyses/<name>.json``), written atomically. A record holds
+``status`` ("running", "done", "error" with ``error`` and ``traceback``, or "interrupted"),
+``seconds`` (wall time summed over every attempt), ``finished`` (UTC time) and the
+``environment`` it ran in (torch version, device, threads, ctbench version, git commit).
+
+A phase that is done is skipped; one that is not resumes: training from ``checkpoint.pt``,
+certification from its verdicts file. A phase that raises is recorded as an error and the
+job's later phases are not run. The adversarial accuracy is no phase of its own: it comes from
+the attack stage of the cascade.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import platform
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..io import atomic_write_json, atomic_write_text
+from .analyses import ANALYSES
+from .jobs import (
+    STATUS_FILE, AnalysisSpec, Job, analysis_record_path, certify_record_path, phase_done, read_record,
+    train_record_path,
+)
+
+Report = Callable[[str], None]  # shows the phase a job is in, e.g. "certify 128/1000"
+
+
+def run_task(jobs: list[Job], root: str, report: Report | None = None) -> None:
+    """Run the missing phases of jobs that share one run folder, in order. ``report`` defaults
+    to writing the run folder's status file, which the coordinator reads for its progress bar."""
+    root_path = Path(root)
+    report = report or functools.partial(_write_status, jobs[0].run_dir(root_path) / STATUS_FILE)
+    for job in jobs:
+        run_job(job, root_path, report)
+
+
+def run_job(job: Job, root: Path, report: Report) -> None:
+    """The job's phases, each only when not done; stops at the first error (its record says it)."""
+    steps = [(train_record_path(job, root), None, functools.partial(train, job, root, report)),
+             (certify_record_path(job, root), None, functools.partial(certify, job, root, report))]
+    for spec in job.analyses:
+        steps.append((analysis_record_path(job, root, spec), spec.record(),
+                      functools.partial(analyze, job, root, spec, report)))
+    for path, spec_record, work in steps:
+        if phase_done(path, spec_record):
+            continue
+        if run_phase(path, work, spec_record)["status"] == "error":
+            return
+
+
+def run_phase(path: Path, work: Callable[[], dict | None], spec: dict | None = None) -> dict[str, Any]:
+    """Run ``work`` and keep its record at ``path``: seconds add up over attempts; an exception
+    becomes status "error" (KeyboardInterrupt: "interrupted", then re-raised)."""
+    previous = read_record(path) or {}
+    spent = float(previous.get("seconds", 0.0)) if previous.get("status") != "done" else 0.0
+    record: dict[str, Any] = {"status": "running", "seconds": spent, "spec": spec, "environment": environment()}
+    atomic_write_json(path, record)
+    started = time.perf_counter()
+    try:
+        record["result"] = work()
+        record["status"] = "done"
+    except Exception as error:  # a phase's failure is a result to record, not a crash of the benchmark
+        record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+    except BaseException:
+        _finish(path, record, started, "interrupted")
+        raise
+    return _finish(path, record, started, record["status"])
+
+
+def _finish(path: Path, record: dict, started: float, status: str) -> dict:
+    record.update(status=status, seconds=record["seconds"] + time.perf_counter() - started,
+                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    record["environment"]["threads"] = torch.get_num_threads()
+    atomic_write_json(path, record)
+    return record
+
+
+def _write_status(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+# ----------------------------------------------------------------------------------------------
+# the phases
+
+
+def train(job: Job, root: Path, report: Report) -> dict:
+    """Train (or resume) the job's run; returns where the handed-on model came from."""
+    from ..config import config_from_dict
+    from ..training import Trainer
+
+    run_dir = job.run_dir(root)
+    config = config_from_dict(job.config)
+
+    def progress(iterable, total, description):
+        report(f"{job.label}: train {description}")
+        return iterable
+
+    trainer = Trainer(config, run_dir, progress=progress, dataset=_dataset(config.data))
+    results = trainer.fit(resume=(run_dir / "checkpoint.pt").exists())
+    return {"model": results["model"], "device": str(trainer.device)}
+
+
+def certify(job: Job, root: Path, report: Report) -> dict:
+    """Certify the trained model on the first ``count`` test samples (resuming the verdicts)."""
+    from ..certify import certify as run_cascade
+    from ..training import resolve_device
+
+    model, config = _trained(job, root)
+    test = _dataset(config.data).test
+    count = len(test) if job.certify.count is None else min(job.certify.count, len(test))
+    device = resolve_device(config.device)
+    result = run_cascade(model, test, config.eps.test_eps, indices=range(count), out_dir=job.certify_dir(root),
+                         settings=job.certify.settings(), device=device, resume=True,
+                         data_name=f"{config.data.dataset}/test",
+                         progress=lambda done, total: report(f"{job.label}: certify {done}/{total}"))
+    return {"samples": result.summary["samples"], "device": str(device)}
+
+
+def analyze(job: Job, root: Path, spec: AnalysisSpec, report: Report) -> dict:
+    """One chosen analysis of the trained model on the first ``spec.count`` test samples."""
+    report(f"{job.label}: {spec.name}")
+    model, config = _trained(job, root)
+    test = _dataset(config.data).test.head(spec.count)
+    return ANALYSES[spec.name].run(model, test.images, test.labels, config.eps.test_eps, spec.options)
+
+
+def _trained(job: Job, root: Path):
+    from ..cli import load_trained
+
+    return load_trained(str(job.run_dir(root)))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(name: str, data_dir: str | None, download: bool):
+    from ..data import load_dataset
+
+    return load_dataset(name, data_dir, download)
+
+
+def _dataset(data_config):
+    return _cached_dataset(data_config.dataset, data_config.data_dir, data_config.download)
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+
+
+def environment() -> dict[str, Any]:
+    """What a phase ran with: versions, threads, host and the source's git commit."""
+    return {"ctbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "host": platform.node(), "git_commit": git_commit(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the git checkout ctbench runs from ("+dirty" with local changes), or None."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

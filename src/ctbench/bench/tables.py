@@ -1,0 +1,286 @@
+"""Table 1 (accuracy) and Table 8 (time) of a suite, with the published figures beside ours.
+
+Rows are (setting, method) in suite order; a suite with several configs of one method in one
+setting gets one labelled row per config, and only the seeds of one config share a row. "Ours"
+is the mean and sample standard deviation (n - 1) over the seeds whose job is done with a
+complete certification, in percent (Table 1) or seconds (Table 8), and ``Seeds`` says how many
+of the suite's seeds that is. Each published
+source of ``reference.yaml`` gets its own columns, labelled with the source, and only where the
+table has a figure of it; its description and the records' notes become the table's notes.
+Later published methods that ctbench does not implement get rows of their own.
+
+Best (Table 1): per setting and column, the highest mean among the certified-training methods
+(standard training, PGD and EDAC are not compared, as in the paper), all ties marked; a column
+with a single compared figure in a setting marks nothing.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..methods import METHODS
+from .jobs import Job, content_hash
+from .reference import FIGURE_METRICS, Record, Value, load_reference, summary_value
+from .suites import Suite
+
+METHOD_ORDER = ("standard", "pgd", "edac", "ibp", "crown_ibp", "sabr", "taps", "staps", "mtl_ibp")
+METHOD_NAMES = {"standard": "Standard", "pgd": "PGD", "edac": "EDAC", "ibp": "IBP", "crown_ibp": "CROWN-IBP",
+                "sabr": "SABR", "taps": "TAPS", "staps": "STAPS", "mtl_ibp": "MTL-IBP"}
+FIGURE_SOURCES = ("literature", "ctbench_paper", "ctbench_paper_seeds", "later_literature", "reference_implementation",
+                  "reference_implementation_seeds")
+TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
+SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "train_seconds": "Train s",
+         "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """key: machine name (CSV); group: "Ours" or a source's label; metric: what it holds
+    ("cite" and "seeds" are text); compared: takes part in best marking."""
+
+    key: str
+    group: str
+    metric: str
+    compared: bool = False
+
+    @property
+    def header(self) -> str:
+        return f"{self.group} {SHORT.get(self.metric, self.metric)}" if self.metric != "seeds" else "Seeds"
+
+
+RowKey = tuple[str, str, str]  # setting, method, variant (``_variant``)
+
+
+@dataclass
+class Row:
+    """One table row; ``label`` tells apart variants of one method in one setting (else empty)."""
+
+    setting: str
+    method: str
+    variant: str = ""
+    label: str = ""
+    cells: dict[str, Value] = field(default_factory=dict)
+
+    @property
+    def key(self) -> RowKey:
+        return self.setting, self.method, self.variant
+
+    @property
+    def method_name(self) -> str:
+        name = METHOD_NAMES.get(self.method, self.method)
+        return f"{name} ({self.label})" if self.label else name
+
+
+@dataclass
+class Table:
+    title: str
+    unit: str
+    columns: list[Column]
+    rows: list[Row]
+    best: set[tuple[int, str]] = field(default_factory=set)  # (row number, column key)
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# ours, from the database
+
+
+def _placeholders(keys: list[str]) -> str:
+    return ",".join("?" * len(keys))
+
+
+def _job_rows(connection: sqlite3.Connection, jobs: tuple[Job, ...]) -> dict[str, sqlite3.Row]:
+    keys = [job.job_key for job in jobs]
+    query = (f"SELECT j.job_key, j.status, r.complete, r.natural_accuracy, r.certified_accuracy, "
+             f"r.adversarial_accuracy FROM jobs j LEFT JOIN results r ON r.job_key = j.job_key "
+             f"WHERE j.job_key IN ({_placeholders(keys)})")
+    return {row["job_key"]: row for row in connection.execute(query, keys)} if keys else {}
+
+
+def _variant(job: Job) -> str:
+    """What sets a job apart from the other seeds of its row: its config but the seed, and its
+    certification (so two configs of one method in one setting are two rows, never averaged)."""
+    config = {key: value for key, value in job.config.items() if key != "seed"}
+    return content_hash({"config": config, "certify": job.certify.record()}, 8)
+
+
+def _by_row(jobs: tuple[Job, ...]) -> dict[RowKey, list[Job]]:
+    """The suite's jobs by row, in suite order."""
+    grouped: dict[RowKey, list[Job]] = {}
+    for job in jobs:
+        grouped.setdefault((job.setting, job.method, _variant(job)), []).append(job)
+    return grouped
+
+
+def _variant_labels(grouped: dict[RowKey, list[Job]]) -> dict[RowKey, str]:
+    """A label (source and overrides) for the rows of a setting and method that has several."""
+    counts: dict[tuple[str, str], int] = {}
+    for setting, method, _ in grouped:
+        counts[(setting, method)] = counts.get((setting, method), 0) + 1
+    labels = {}
+    for key, jobs in grouped.items():
+        if counts[key[:2]] > 1:
+            source = Path(jobs[0].source)
+            name = source.name if source.suffix in (".yaml", ".yml") else jobs[0].source  # a file, or a preset
+            labels[key] = "; ".join([name, *jobs[0].overrides, key[2]])
+    return labels
+
+
+def _ours(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]]
+          ) -> tuple[dict[RowKey, dict[str, Value]], list[str]]:
+    """Per row: mean/std of each metric in percent and the seeds cell; and notes on failed jobs."""
+    stored = _job_rows(connection, tuple(job for jobs in grouped.values() for job in jobs))
+    ours, notes = {}, []
+    for key, jobs in grouped.items():
+        finished = [stored[j.job_key] for j in jobs if j.job_key in stored and stored[j.job_key]["status"] == "done"
+                    and stored[j.job_key]["complete"]]
+        cells = {metric: summary_value([100 * row[f"{metric}_accuracy"] for row in finished
+                                        if row[f"{metric}_accuracy"] is not None]) for metric in FIGURE_METRICS}
+        cells["seeds"] = Value(text=f"{len(finished)}/{len(jobs)}")
+        ours[key] = cells
+        failed = [j.label for j in jobs if j.job_key in stored and stored[j.job_key]["status"] == "error"]
+        if failed:
+            notes.append(f"failed (see the jobs table's error): {', '.join(failed)}")
+    return ours, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# assembling a table
+
+
+def _rows(grouped: dict[RowKey, list[Job]], records: list[Record]) -> list[Row]:
+    """The suite's rows, and rows for later published methods that the suite lacks, ordered by
+    setting (suite order), method (``METHOD_ORDER``, then others by name) and suite order."""
+    labels = _variant_labels(grouped)
+    keys = list(grouped)
+    settings = list(dict.fromkeys(setting for setting, _, _ in keys))
+    pairs = {key[:2] for key in keys}
+    keys += sorted({(r.setting, r.method, "") for r in records if r.source == "later_literature"
+                    and r.setting in settings and (r.setting, r.method) not in pairs})
+
+    def order(key: RowKey) -> tuple:
+        setting, method, _ = key
+        known = method in METHOD_ORDER
+        return settings.index(setting), not known, METHOD_ORDER.index(method) if known else 0, method, keys.index(key)
+
+    return [Row(*key, label=labels.get(key, "")) for key in sorted(keys, key=order)]
+
+
+def _reference_columns(records: list[Record], sources: tuple[str, ...], metrics: tuple[str, ...],
+                       compared: bool) -> list[Column]:
+    reference = load_reference()
+    columns = []
+    for source in sources:
+        chosen = [r for r in records if r.source == source]
+        label = reference.sources[source].label
+        columns += [Column(f"{source}_{metric}", label, metric, compared) for metric in metrics
+                    if any(metric in r.values for r in chosen)]
+        if any(r.cite for r in chosen):
+            columns.append(Column(f"{source}_cite", label, "cite"))
+    return columns
+
+
+def _fill_reference(rows: list[Row], records: list[Record]) -> None:
+    """Each record's figures into every row of its setting and method."""
+    for record in records:
+        for row in (row for row in rows if (row.setting, row.method) == (record.setting, record.method)):
+            _fill_record(row, record)
+
+
+def _fill_record(row: Row, record: Record) -> None:
+    for metric, value in record.values.items():
+        row.cells[f"{record.source}_{metric}"] = value
+    if record.cite:
+        row.cells[f"{record.source}_cite"] = Value(text=record.cite)
+
+
+def _notes(records: list[Record], used_sources: list[str]) -> list[str]:
+    """Each source's description, then the records' notes (one line per source and text)."""
+    reference = load_reference()
+    notes = [f"{reference.sources[s].label}: {reference.sources[s].description}." for s in used_sources]
+    rows_by_note: dict[tuple[str, str], list[str]] = {}
+    for record in records:
+        text = "; ".join(part for part in (record.note, f"verifier: {record.verifier}" if record.verifier else None)
+                         if part)
+        if text:
+            name = f"{record.setting} {METHOD_NAMES.get(record.method, record.method)}"
+            rows_by_note.setdefault((reference.sources[record.source].label, text), []).append(name)
+    notes += [f"{', '.join(names)} ({label}): {text}." for (label, text), names in rows_by_note.items()]
+    return notes
+
+
+def _mark_best(table: Table) -> None:
+    for column in (c for c in table.columns if c.compared):
+        by_setting: dict[str, list[tuple[int, float]]] = {}
+        for number, row in enumerate(table.rows):
+            value = row.cells.get(column.key)
+            if value is not None and value.mean is not None and _compared_method(row.method):
+                by_setting.setdefault(row.setting, []).append((number, round(value.mean, 2)))
+        for entries in (entries for entries in by_setting.values() if len(entries) > 1):
+            top = max(mean for _, mean in entries)
+            table.best |= {(number, column.key) for number, mean in entries if mean == top}
+
+
+def _compared_method(method: str) -> bool:
+    """Certified-training methods (and published ones ctbench lacks) are compared; standard
+    training and the adversarial baselines are not."""
+    return method not in METHODS or METHODS.get(method).certified
+
+
+# ----------------------------------------------------------------------------------------------
+# the two tables
+
+
+def accuracy_table(connection: sqlite3.Connection, suite: Suite) -> Table:
+    """Table 1: natural, certified and adversarial accuracy per setting and method."""
+    grouped = _by_row(suite.jobs)
+    ours, failures = _ours(connection, grouped)
+    settings = {job.setting for job in suite.jobs}
+    rows = _rows(grouped, [r for r in load_reference().figures if r.setting in settings])
+    shown = {(row.setting, row.method) for row in rows}
+    records = [r for r in load_reference().figures if (r.setting, r.method) in shown]
+    for row in rows:
+        row.cells.update({f"ours_{name}": value for name, value in ours.get(row.key, {}).items()})
+    columns = [Column(f"ours_{metric}", "Ours", metric, True) for metric in FIGURE_METRICS]
+    columns += [Column("ours_seeds", "Ours", "seeds")]
+    columns += _reference_columns(records, FIGURE_SOURCES, FIGURE_METRICS, compared=True)
+    _fill_reference(rows, records)
+    used = [s for s in FIGURE_SOURCES if any(r.source == s for r in records)]
+    table = Table(f"Table 1, suite {suite.name}: accuracy [%]", "%", columns, rows,
+                  notes=failures + _notes(records, used))
+    _mark_best(table)
+    return table
+
+
+def time_table(connection: sqlite3.Connection, suite: Suite) -> Table:
+    """Table 8: train and certify wall seconds (and seconds per epoch) per setting and method."""
+    grouped = _by_row(suite.jobs)
+    rows = _rows(grouped, [])
+    pairs = {(row.setting, row.method) for row in rows}
+    records = [r for r in load_reference().times if (r.setting, r.method) in pairs]
+    for row in rows:
+        row.cells.update(_our_times(connection, grouped[row.key]))
+    metrics = ("train_seconds", "certify_seconds", "seconds_per_epoch")
+    columns = [Column(f"ours_{metric}", "Ours", metric) for metric in metrics] + [Column("ours_seeds", "Ours", "seeds")]
+    columns += _reference_columns(records, TIME_SOURCES, metrics, compared=False)
+    _fill_reference(rows, records)
+    used = [s for s in TIME_SOURCES if any(r.source == s for r in records)]
+    notes = ["Ours: wall seconds of the train and certify phases (summed over resumed attempts); s/epoch is the "
+             "training loop alone (metrics.jsonl train_seconds), without validation."]
+    return Table(f"Table 8, suite {suite.name}: wall time [s]", "s", columns, rows, notes=notes + _notes(records, used))
+
+
+def _our_times(connection: sqlite3.Connection, jobs: list[Job]) -> dict[str, Value]:
+    keys = [job.job_key for job in jobs]
+    phases = connection.execute(f"SELECT job_key, phase, seconds FROM phases WHERE status = 'done' AND phase IN "
+                                f"('train', 'certify') AND job_key IN ({_placeholders(keys)})", keys).fetchall()
+    seconds = {(row["job_key"], row["phase"]): row["seconds"] for row in phases}
+    runs = [job.train_key for job in jobs]
+    epochs = connection.execute(f"SELECT config_hash, AVG(train_seconds) AS mean FROM epochs WHERE config_hash IN "
+                                f"({_placeholders(runs)}) GROUP BY config_hash", runs).fetchall()
+    done = [job for job in jobs if (job.job_key, "train") in seconds and (job.job_key, "certify") in seconds]
+    return {"ours_train_seconds": summary_value([seconds[(j.job_key, "train")] for j in done]),
+            "ours_certify_seconds": summary_value([seconds[(j.job_key, "certify")] for j in done]),
+            "ours_seconds_per_epoch": summary_value([row["mean"] for row in epochs if row["mean"] is not None]),
+            "ours_seeds": Value(text=f"{len(done)}/{len(jobs)}")}

@@ -1,0 +1,391 @@
+"""The benchmark: suites, the runner (skip, resume, workers), the results database under
+concurrent writers, Table 1 / Table 8 against the literature, and the exports."""
+import json
+import multiprocessing
+import shutil
+import sqlite3
+import statistics
+import textwrap
+
+import pytest
+
+from ctbench.bench import connect, ingest_job, load_suite, run_suite
+from ctbench.bench import jobs as jobs_module
+from ctbench.bench.export import export_cards, export_csv, export_json
+from ctbench.bench.formats import render
+from ctbench.bench.jobs import CERTIFY_RECORD, certify_record_path, train_record_path
+from ctbench.bench.reference import load_reference
+from ctbench.bench.store import TABLES, register_suite
+from ctbench.bench.suites import SuiteError, parse_seeds
+from ctbench.bench.tables import accuracy_table, time_table
+from ctbench.certify import Verdict, append_verdicts, summarize
+from ctbench.certify.cascade import index_ranges
+from ctbench.certify.provenance import Provenance
+from ctbench.cli import main
+from ctbench.io import atomic_write_json
+
+
+def count_rows(db_path) -> dict[str, int]:
+    with sqlite3.connect(db_path) as connection:
+        return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in TABLES}
+
+
+def write_suite(tmp_path, text: str, name: str = "user") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the smoke suite end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke suite run once, in 2 spawned worker processes."""
+    root = tmp_path_factory.mktemp("bench")
+    report = run_suite(load_suite("smoke"), root, root / "ctbench.sqlite", workers=2, threads=2)
+    return root, root / "ctbench.sqlite", report
+
+
+def test_smoke_suite_trains_certifies_analyzes_and_ingests(smoke_run):
+    root, db, report = smoke_run
+    assert report.failed == [] and len(report.done) == 2
+    rows = count_rows(db)
+    assert rows["jobs"] == rows["runs"] == rows["results"] == rows["adversarial"] == rows["analyses"] == 2
+    assert rows["verdicts"] == 2 * 16 and rows["epochs"] == 2 and rows["phases"] == 2 * 3
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        statuses = {row[0] for row in connection.execute("SELECT status FROM jobs")}
+        counts = connection.execute("SELECT SUM(certified + falsified + wrong + unknown + timeouts) FROM results")
+        threads = {row[0] for row in connection.execute("SELECT threads FROM phases")}
+    assert statuses == {"done"} and counts.fetchone()[0] == 2 * 16 and threads == {1}
+
+
+def test_a_second_run_redoes_nothing(smoke_run, capsys):
+    root, db, _ = smoke_run
+    suite = load_suite("smoke")
+    checkpoints = {job.job_key: (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns for job in suite.jobs}
+    verdict_files = {job.job_key: (job.certify_dir(root) / "verdicts.jsonl").stat().st_mtime_ns for job in suite.jobs}
+    before = count_rows(db)
+    assert main(["bench", "run", "smoke", "--root", str(root), "--quiet"]) == 0
+    assert "0 done now, 2 done before, 0 failed" in capsys.readouterr().out
+    assert count_rows(db) == before
+    for job in suite.jobs:
+        assert (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns == checkpoints[job.job_key]
+        assert (job.certify_dir(root) / "verdicts.jsonl").stat().st_mtime_ns == verdict_files[job.job_key]
+
+
+def test_an_interrupted_certification_resumes_without_retraining(smoke_run, tmp_path):
+    source_root, _, _ = smoke_run
+    root = tmp_path / "bench"
+    shutil.copytree(source_root, root)
+    job = load_suite("smoke").jobs[0]
+    checkpoint = (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns
+    verdicts = job.certify_dir(root) / "verdicts.jsonl"
+    lines = verdicts.read_text().splitlines(keepends=True)
+    verdicts.write_text("".join(lines[:5]) + lines[5][:20])  # killed in the middle of a write
+    (job.certify_dir(root) / CERTIFY_RECORD).unlink()
+    report = run_suite(load_suite("smoke"), root, root / "ctbench.sqlite")
+    assert report.done == [job.label] and len(report.skipped) == 1
+    assert (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+    assert len(verdicts.read_text().splitlines()) == 16
+    assert count_rows(root / "ctbench.sqlite")["verdicts"] == 2 * 16
+
+
+def test_a_phase_that_raises_is_recorded_as_an_error_and_retried(tmp_path, monkeypatch):
+    from ctbench.bench import phases
+
+    def broken(job, root, report):
+        raise RuntimeError("verifier exploded")
+
+    monkeypatch.setattr(phases, "certify", broken)
+    suite_file = write_suite(tmp_path, """
+        certify: {stages: [ibp], count: 4}
+        groups:
+          - presets: [mnist-mini-0.1/ibp]
+            overrides: [data.train_subset=64, data.validation_size=0, optim.epochs=1, eps.ramp_end_epoch=1,
+                        evaluation.final_test_count=8, evaluation.attack_steps=1, evaluation.attack_restarts=1]
+    """)
+    report = run_suite(load_suite(suite_file), tmp_path / "bench", tmp_path / "db.sqlite")
+    assert len(report.failed) == 1 and "verifier exploded" in report.failed[0][1]
+    with sqlite3.connect(tmp_path / "db.sqlite") as connection:
+        phase = connection.execute("SELECT status, error FROM phases WHERE phase = 'certify'").fetchone()
+        job = connection.execute("SELECT status, error FROM jobs").fetchone()
+    assert phase == ("error", "RuntimeError: verifier exploded")
+    assert job[0] == "error" and "certify: RuntimeError: verifier exploded" in job[1]
+    monkeypatch.undo()
+    report = run_suite(load_suite(suite_file), tmp_path / "bench", tmp_path / "db.sqlite")
+    assert report.failed == [] and len(report.done) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic run folders
+
+
+def fake_job_folder(job, root, natural: float, certified: float, adversarial: float, samples: int = 200,
+                    timeouts: int = 0) -> None:
+    """A finished job's files, with exactly these accuracies (fractions of ``samples``)."""
+    wrong = samples - round(natural * samples)
+    certified_count, robust = round(certified * samples), round(adversarial * samples)
+    provenance = Provenance("model" + job.job_key[:11], job.config["eps"]["test_eps"], "mnist/test@x", "s", "v")
+    verdicts = []
+    for index in range(samples):
+        common = dict(index=index, label=1, eps=job.config["eps"]["test_eps"], provenance=provenance, seconds=0.5)
+        if index < wrong:
+            verdicts.append(Verdict(verdict="wrong", stage="clean", predicted=2, **common))
+        elif index < wrong + certified_count:
+            verdicts.append(Verdict(verdict="certified", stage="ibp", predicted=1, margin_lower=0.5, **common))
+        elif index < wrong + robust:
+            detail = "timeout; domains=3" if index < wrong + certified_count + timeouts else None
+            verdicts.append(Verdict(verdict="unknown", stage="bab", predicted=1, detail=detail, **common))
+        else:
+            verdicts.append(Verdict(verdict="falsified", stage="attack", predicted=2, counterexample=[0.0], **common))
+    folder = job.certify_dir(root)
+    append_verdicts(folder / "verdicts.jsonl", verdicts)
+    summary = summarize(verdicts, range(samples))
+    atomic_write_json(folder / "summary.json", {**summary, "selection": index_ranges(range(samples)),
+                                                "provenance": provenance.to_json()})
+    done = {"status": "done", "seconds": 100.0 + job.seed, "environment": {"threads": 2, "torch": "t"},
+            "result": {"device": "cpu"}}
+    atomic_write_json(train_record_path(job, root), done)
+    atomic_write_json(certify_record_path(job, root), {**done, "seconds": 10.0})
+    (job.run_dir(root) / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "lr": 1e-3, "eps": 0.1, "train_seconds": 2.0 + e}) + "\n" for e in range(3)))
+
+
+SYNTHETIC = {  # (method, seed) -> natural, certified, adversarial
+    ("ibp", 0): (0.985, 0.975, 0.980), ("ibp", 1): (0.990, 0.975, 0.980), ("ibp", 2): (0.980, 0.970, 0.975),
+    ("sabr", 0): (0.990, 0.985, 0.990), ("sabr", 1): (0.995, 0.985, 0.990),
+}
+
+
+@pytest.fixture
+def synthetic_db(tmp_path):
+    suite = load_suite(write_suite(tmp_path, """
+        certify: {stages: [ibp, crown-ibp, attack, bab], timeout: 100, count: 200}
+        groups:
+          - settings: [mnist-0.1]
+            methods: [ibp, sabr]
+            seeds: [0, 1, 2]
+    """))
+    root, db = tmp_path / "bench", tmp_path / "db.sqlite"
+    connection = connect(db)
+    register_suite(connection, suite, list(suite.jobs), root)
+    for job in suite.jobs:
+        if (job.method, job.seed) in SYNTHETIC:
+            fake_job_folder(job, root, *SYNTHETIC[(job.method, job.seed)], timeouts=1)
+            ingest_job(connection, job, root)
+    yield suite, connection, root
+    connection.close()
+
+
+def test_table_shows_mean_and_std_over_seeds_beside_the_literature_and_marks_the_best(synthetic_db):
+    suite, connection, _ = synthetic_db
+    table = accuracy_table(connection, suite)
+    rows = {row.method: row for row in table.rows}
+    ibp_natural = rows["ibp"].cells["ours_natural"]
+    assert ibp_natural.mean == pytest.approx(98.5) and ibp_natural.n == 3
+    assert ibp_natural.std == pytest.approx(statistics.stdev([98.5, 99.0, 98.0]))
+    assert rows["sabr"].cells["ours_seeds"].text == "2/3" and rows["ibp"].cells["ours_seeds"].text == "3/3"
+    assert rows["ibp"].cells["literature_natural"].mean == 98.84
+    assert rows["ibp"].cells["literature_cite"].text == "Shi et al. (2021)"
+    assert rows["sabr"].cells["ctbench_paper_seeds_certified"].std == 0.03
+    assert rows["CC-IBP"].cells["later_literature_certified"].mean == 98.43  # a later published method's own row
+    markdown = render(table, "md")
+    assert "| mnist-0.1 | IBP | 98.50 ± 0.50 | 97.33 ± 0.29 |" in markdown
+    assert "**99.25 ± 0.35**" in markdown and "**98.50 ± 0.00**" in markdown  # SABR's means are the best
+    assert "Literature Nat." in markdown and "CTBench paper Cert." in markdown and "Later published Cert." in markdown
+    assert "**99.23**" in markdown  # the literature's best natural among IBP and SABR
+    assert "Literature: the best published figures before CTBench" in markdown
+    latex = render(table, "latex")
+    assert r"\textbf{99.25 $\pm$ 0.35}" in latex and r"Shi et al. (2021)" in latex
+    lines = render(table, "csv").splitlines()
+    header = lines[0].split(",")
+    ibp = dict(zip(header, next(line for line in lines if line.startswith("mnist-0.1,ibp,")).split(",")))
+    assert float(ibp["ours_natural"]) == pytest.approx(98.5) and float(ibp["ours_natural_std"]) == pytest.approx(0.5)
+    assert ibp["literature_certified"] == "97.95"
+
+
+def test_times_table_and_adversarial_and_timeout_columns(synthetic_db):
+    suite, connection, _ = synthetic_db
+    table = time_table(connection, suite)
+    ibp = next(row for row in table.rows if row.method == "ibp")
+    assert ibp.cells["ours_train_seconds"].mean == pytest.approx(101.0)
+    assert ibp.cells["ctbench_paper_times_train_seconds"].mean == 2.1e3
+    assert "| mnist-0.1 | IBP | 101 ± 1 | 10 ± 0 | 3 ± 0 | 3/3 | 2.1e+03 | 2.5e+03 |" in render(table, "md")
+    result = connection.execute("SELECT * FROM results r JOIN jobs j USING (job_key) WHERE j.method = 'ibp' "
+                                "AND j.seed = 0").fetchone()
+    assert (result["timeouts"], result["unknown"], result["falsified"]) == (1, 0, 1)
+    assert result["adversarial_accuracy"] == pytest.approx(0.98)
+    outcomes = {row[0] for row in connection.execute("SELECT DISTINCT outcome FROM verdicts")}
+    assert outcomes == {"wrong", "certified", "timeout", "falsified"}
+
+
+def test_export_writes_csv_json_and_model_cards(synthetic_db, tmp_path):
+    suite, connection, _ = synthetic_db
+    csv_files = export_csv(connection, tmp_path / "csv")
+    assert sorted(path.stem for path in csv_files) == sorted(TABLES)
+    assert (tmp_path / "csv" / "verdicts.csv").read_text().count("\n") == 1 + 5 * 200
+    data = json.loads(export_json(connection, tmp_path / "all.json", suite=suite.name).read_text())
+    assert len(data["jobs"]) == 6 and len(data["results"]) == 5 and isinstance(data["runs"][0]["config"], dict)
+    cards = export_cards(connection, tmp_path / "cards")
+    assert len(cards) == 5 and all(path.parent == tmp_path / "cards" / "mnist" / "Linf" for path in cards)
+    card = json.loads(next(path for path in cards if "-ibp-seed0-" in path.name).read_text())
+    assert (card["clean_acc"], card["certified_acc"], card["adversarial_acc"]) == (98.5, 97.5, 98.0)
+    assert card["verifier"] == {"stages": ["ibp", "crown-ibp", "attack", "bab"], "timeout": 100.0,
+                                "attack": {"steps": 50, "restarts": 5}}
+    assert card["counts"]["timeouts"] == 1 and card["eps"] == 0.1 and card["architecture"] == "cnn7"
+    for key in ("name", "setting", "dataset", "samples", "config_hash", "ctbench_version", "certified_by_stage"):
+        assert key in card
+
+
+def test_cli_table_and_export(synthetic_db, tmp_path, capsys):
+    suite, connection, _ = synthetic_db
+    db = str(tmp_path / "db.sqlite")
+    assert main(["bench", "table", str(suite.path), "--db", db, "--format", "latex"]) == 0
+    assert r"\textbf" in capsys.readouterr().out
+    assert main(["bench", "export", "--db", db, "--cards", str(tmp_path / "cards")]) == 0
+    assert main(["bench", "export", "--db", db, "--csv", str(tmp_path / "csv")]) == 0
+    assert len(list((tmp_path / "csv" / "model_info" / "mnist" / "Linf").glob("*.json"))) == 5
+    assert main(["bench", "table", str(suite.path), "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert "no results database" in capsys.readouterr().err
+
+
+def test_reference_data_carries_its_sources():
+    reference = load_reference()
+    records = {(r.setting, r.method, r.source): r for r in reference.figures}
+    assert records[("mnist-0.3", "taps", "ctbench_paper")].values["certified"].mean == 93.95
+    assert records[("mnist-0.1", "pgd", "ctbench_paper")].values["certified"].text == "≈0"
+    assert records[("tinyimagenet-1_255", "mtl_ibp", "literature")].cite == "De Palma et al. (2024)"
+    assert records[("mnist-mini-0.3", "ibp", "reference_implementation_seeds")].values["natural"].n == 3
+    assert {r.source for r in reference.figures} <= set(reference.sources)
+
+
+# ----------------------------------------------------------------------------------------------
+# concurrent writers
+
+
+def _ingest_repeatedly(db_path, jobs, root, rounds) -> None:
+    connection = connect(db_path)
+    for _ in range(rounds):
+        for job in jobs:
+            ingest_job(connection, job, root)
+    connection.close()
+
+
+def test_concurrent_writers_leave_the_database_intact(synthetic_db, tmp_path):
+    suite, _, root = synthetic_db
+    jobs = [job for job in suite.jobs if (job.method, job.seed) in SYNTHETIC]
+    db = tmp_path / "shared.sqlite"
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    writers = [context.Process(target=_ingest_repeatedly, args=(db, jobs[k:] + jobs[:k], root, 3)) for k in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = count_rows(db)
+    assert rows["jobs"] == rows["results"] == 5 and rows["verdicts"] == 5 * 200 and rows["epochs"] == 5 * 3
+
+
+# ----------------------------------------------------------------------------------------------
+# suites and keys
+
+
+@pytest.mark.parametrize("text,message", [
+    ("groups: [{presets: [mnist-0.1/ibpp]}]", "did you mean 'mnist-0.1/ibp'"),
+    ("group: []", "unknown key 'group'; valid keys: description, seeds, certify, analyses, groups; "
+                  "did you mean 'groups'"),
+    ("groups: [{presets: [demo/ibp], seed: [1]}]", "groups[0]: unknown key 'seed'"),
+    ("groups: [{presets: [demo/ibp], certify: {stages: [ibp, crown_ibp]}}]", "did you mean 'crown-ibp'"),
+    ("groups: [{presets: [demo/ibp]}]\nanalyses: {utilisation: {}}", "did you mean 'utilization'"),
+    ("groups: [{presets: [demo/ibp], certify: {count: 0}}]", "groups[0].certify.count: expected an integer >= 1"),
+    ("groups: [{presets: [demo/ibp], settings: [demo], methods: [ibp]}]", "give exactly one of"),
+    ("groups: [{presets: [demo/ibp]}, {settings: [demo], methods: [ibp]}]", "is listed twice"),
+    ("groups: [{presets: [demo/ibp], overrides: [optim.lr_x=1]}]", "unknown config key optim.lr_x"),
+    ("groups: [{presets: [demo/ibp], seeds: [0, 0]}]", "a seed is listed twice"),
+    ("groups: [{configs: [missing.yaml]}]", "missing.yaml does not exist"),
+    ("groups: []", "'groups' must be a non-empty list"),
+    ("groups: [{settings: [demo], methods: [ibp], setting: x}]", "setting (a row label) goes with presets or configs"),
+])
+def test_suite_errors_name_the_place_and_the_fix(tmp_path, text, message):
+    with pytest.raises(SuiteError) as error:
+        load_suite(write_suite(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_unknown_suites_and_bad_seeds_are_errors(capsys):
+    with pytest.raises(SuiteError, match="did you mean 'smoke'"):
+        load_suite("smok")
+    with pytest.raises(SuiteError, match="comma-separated integers"):
+        parse_seeds("0,x")
+    assert main(["bench", "run", "paperr"]) == 2
+    assert "unknown suite 'paperr'" in capsys.readouterr().err
+
+
+def test_shipped_suites_resolve_to_the_planned_jobs():
+    paper = load_suite("paper")
+    assert len(paper.jobs) == 5 * 8 + 5 and {job.method for job in paper.jobs} >= {"standard", "mtl_ibp", "edac"}
+    mini = load_suite("mnist-mini")
+    seeds = {(job.setting, job.method): sorted(j.seed for j in mini.jobs if (j.setting, j.method) ==
+                                               (job.setting, job.method)) for job in mini.jobs}
+    assert seeds[("mnist-mini-0.3", "ibp")] == seeds[("mnist-mini-0.1", "sabr")] == [0, 1, 2]
+    assert seeds[("mnist-mini-0.1", "taps")] == seeds[("mnist-mini-0.3", "mtl_ibp")] == [0]
+    assert len(load_suite("smoke", seeds=[3, 4]).jobs) == 4
+
+
+def test_job_key_changes_with_the_config_the_certification_and_the_version(tmp_path, monkeypatch):
+    def job(overrides="[]", timeout=10):
+        path = write_suite(tmp_path, f"""
+            certify: {{timeout: {timeout}}}
+            groups: [{{presets: [demo/ibp], overrides: {overrides}}}]
+        """)
+        return load_suite(path).jobs[0]
+
+    base = job()
+    assert job().job_key == base.job_key
+    other_lr = job("[optim.lr=1e-3]")
+    assert other_lr.job_key != base.job_key and other_lr.train_key != base.train_key
+    longer = job(timeout=20)
+    assert longer.job_key != base.job_key and longer.train_key == base.train_key
+    assert longer.run_dir(tmp_path) == base.run_dir(tmp_path)
+    assert longer.certify_dir(tmp_path) != base.certify_dir(tmp_path)
+    key = base.job_key
+    monkeypatch.setattr(jobs_module, "__version__", "9.9.9")
+    assert job().job_key != key
+
+
+def test_a_user_suite_runs_its_own_yaml_configs(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("preset: demo/ibp\noptim: {epochs: 3}\n")
+    (tmp_path / "configs" / "plain.yaml").write_text("method: {name: sabr}\nmodel: {architecture: cnn3}\n")
+    suite = load_suite(write_suite(tmp_path, """
+        seeds: [1]
+        groups:
+          - configs: [configs/mine.yaml, configs/plain.yaml]
+          - configs: [configs/mine.yaml]
+            setting: labelled
+            overrides: [optim.epochs=4]
+    """))
+    labels = [(job.setting, job.method, job.seed, job.config["optim"]["epochs"]) for job in suite.jobs]
+    assert labels == [("demo", "ibp", 1, 3), ("plain", "sabr", 1, 70), ("labelled", "ibp", 1, 4)]
+
+
+def test_two_configs_of_one_method_are_two_rows_never_averaged(tmp_path):
+    suite = load_suite(write_suite(tmp_path, """
+        seeds: [0, 1]
+        groups:
+          - presets: [mnist-0.1/ibp]
+          - presets: [mnist-0.1/ibp]
+            overrides: [regularization.l1=0]
+    """))
+    connection = connect(tmp_path / "db.sqlite")
+    rows = [row for row in accuracy_table(connection, suite).rows if row.method == "ibp"]
+    assert len(rows) == 2 and {row.cells["ours_seeds"].text for row in rows} == {"0/2"}
+    assert rows[0].method_name.startswith("IBP (mnist-0.1/ibp; ") and "regularization.l1=0" in rows[1].method_name
+    assert all(row.cells["literature_natural"].mean == 98.84 for row in rows)
+    assert len(time_table(connection, suite).rows) == 2

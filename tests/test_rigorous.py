@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ctbench.bounds.box import sample_in_box
-from ctbench.bounds.crown import crown_bounds, intermediate_bounds, relu_indices
+from ctbench.bounds.crown import crown_bounds, crown_ibp_margin_lower, intermediate_bounds, relu_indices
 from ctbench.bounds.ibp import ibp_margin_lower
-from ctbench.certify import BabSettings, CertifySettings, SafetyMargin, certify
+from ctbench.certify import BabSettings, BranchAndBound, CertifySettings, SafetyMargin, certify, check_counterexample
 from ctbench.certify.bab import split_bound
+from ctbench.certify.milp import network_milp
 from ctbench.certify.rigorous import (
     crown_lower, ibp_lower, interval_network, layer_bounds, point_network, rigorous_box,
 )
@@ -24,6 +25,7 @@ from ctbench.certify.soundness import (
     min_other,
 )
 from ctbench.models import InputSpec, Normalize, build_model, initialize
+from ctbench.models.ops import lower_network
 
 from helpers import random_inputs, random_network
 
@@ -55,6 +57,20 @@ def absorbed_bias_net() -> nn.Sequential:
     return model.eval()
 
 
+def absorbed_offset_net() -> nn.Sequential:
+    """z_0 - z_1 = ((2^70 - 50) + 3 x) - 2^70 = 3 x - 50 exactly; CROWN's float64 constant
+    term, accumulated from the last layer, is fl(fl(-2^70 - 50) + 2^70) = 0, so it finds 3 x."""
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0], [3.0]]))
+        model[0].bias.copy_(torch.tensor([2.0 ** 70, 0.0]))
+        model[2].weight.copy_(torch.eye(2))
+        model[2].bias.copy_(torch.tensor([-50.0, 0.0]))
+        model[4].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+        model[4].bias.copy_(torch.tensor([-(2.0 ** 70), 0.0]))
+    return model.eval()
+
+
 def dense_net(seed: int, widths=(6, 6), inputs: int = 4, classes: int = 3, extreme: bool = False) -> nn.Sequential:
     """Linear/ReLU layers; ``extreme``: each layer's weights and bias scaled by 10^k, k in
     [-6, 6]."""
@@ -72,23 +88,25 @@ def dense_net(seed: int, widths=(6, 6), inputs: int = 4, classes: int = 3, extre
     return model.eval()
 
 
-def conv_bn_net(seed: int) -> nn.Sequential:
+def conv_bn_net(seed: int, extreme: bool = True) -> nn.Sequential:
     """Normalize, Conv, BatchNorm2d (random population statistics), ReLU, Linear, BatchNorm1d,
-    ReLU, Linear; weights scaled by 10^k, k in [-6, 6]."""
+    ReLU, Linear; ``extreme``: weights scaled by 10^k, k in [-6, 6], statistics up to 1e3 / 1e5."""
     generator = torch.Generator().manual_seed(seed)
+    magnitude = 3 if extreme else -1
     model = nn.Sequential(Normalize((0.3,), (0.7,)), nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3),
                           nn.ReLU(), nn.Flatten(), nn.Linear(27, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
         for layer in model:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                scale = 10.0 ** float(torch.randint(-6, 7, (1,), generator=generator))
+                scale = 10.0 ** float(torch.randint(-6, 7, (1,), generator=generator)) if extreme else 0.5
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * scale)
             elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                layer.running_mean.copy_(torch.randn(layer.num_features, generator=generator) * 10.0 ** 3)
-                layer.running_var.copy_(torch.rand(layer.num_features, generator=generator) * 10.0 ** 5 + 1e-3)
-                layer.weight.copy_(torch.randn(layer.num_features, generator=generator))
-                layer.bias.copy_(torch.randn(layer.num_features, generator=generator))
+                size = layer.num_features
+                layer.running_mean.copy_(torch.randn(size, generator=generator) * 10.0 ** magnitude)
+                layer.running_var.copy_(torch.rand(size, generator=generator) * 10.0 ** (2 * magnitude - 1) + 1e-3)
+                layer.weight.copy_(torch.randn(size, generator=generator))
+                layer.bias.copy_(torch.randn(size, generator=generator))
     return model.eval()
 
 
@@ -124,20 +142,23 @@ def float64_rows(model, x, eps, labels, mode, alphas=None):
     return crown_bounds(ops, box, spec, intermediate_bounds(ops, box, mode), alphas)
 
 
-def random_alphas(model, x, rows: int, seed: int) -> dict[int, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ops = float64_ops(model)
-    shapes = [tuple(t.shape[1:]) for t in _inputs_of(ops, x)]
-    return {index: torch.rand(x.shape[0], rows, *shapes[index], generator=generator, dtype=torch.float64)
-            for index in relu_indices(ops)}
-
-
-def _inputs_of(ops, x):
-    values, current = [], x.double()
-    for op in ops:
-        values.append(current)
+def preactivations(ops, points) -> dict[int, torch.Tensor]:
+    """The float64 input of every ReLU op at the points, and the logits under key -1."""
+    values, current = {}, points.double()
+    for index, op in enumerate(ops):
+        if index in relu_indices(ops):
+            values[index] = current
         current = op(current)
+    values[-1] = current
     return values
+
+
+def random_alphas(model, x, rows: int, seed: int) -> dict[int, torch.Tensor]:
+    """Lower slopes in [0, 1], one per ReLU neuron, sample and spec row."""
+    generator = torch.Generator().manual_seed(seed)
+    pre = preactivations(float64_ops(model), x)
+    return {index: torch.rand(x.shape[0], rows, *value.shape[1:], generator=generator, dtype=torch.float64)
+            for index, value in pre.items() if index >= 0}
 
 
 def sampled_margins(model, x, eps, labels, count: int = 400, seed: int = 0) -> torch.Tensor:
@@ -179,15 +200,26 @@ def exact_min_margin(model, points, label: int) -> Fraction:
 # the absorbed bias
 
 
-def test_float64_recheck_certifies_an_absorbed_bias_the_rigorous_check_does_not():
-    model = absorbed_bias_net()
+def old_float64_check(model, x, labels, stage: str) -> torch.Tensor:
+    """The former re-check of the ibp / crown-ibp stage: the float64 engine's min margin bound."""
+    ops, box = float64_ops(model), float64_box(x, 0.1, (0.0, 1.0))
+    if stage == "ibp":
+        return min_other(ibp_margin_lower(ops, box, labels)[0], labels)
+    return min_other(crown_ibp_margin_lower(ops, box, labels, 2), labels)
+
+
+@pytest.mark.parametrize("network,stage,claimed,exact", [
+    (absorbed_bias_net, "ibp", 1.05, Fraction(torch.tensor(1.05).item()) - 50),  # -48.95 everywhere
+    (absorbed_offset_net, "crown-ibp", 1.2, Fraction(3) * Fraction(torch.tensor(0.4, dtype=torch.float64).item()) - 50),
+])
+def test_float64_recheck_certifies_an_absorbed_bias_the_rigorous_check_does_not(network, stage, claimed, exact):
+    model = network()
     x, labels = torch.full((1, 1), 0.5), torch.zeros(1, dtype=torch.long)
-    exact = exact_min_margin(model, [[0.4], [0.5], [0.6]], 0)
-    assert exact == Fraction(torch.tensor(1.05).item()) - 50  # -48.95 on every input
-    # The old check: float64 IBP with elision, against the safety threshold, certifies.
-    old = min_other(ibp_margin_lower(float64_ops(model), float64_box(x, 0.1, (0.0, 1.0)), labels)[0], labels)
-    threshold = SafetyMargin().threshold(clean_logits64(float64_ops(model), x))
-    assert float(old[0]) == pytest.approx(1.05) and bool(old[0] > threshold[0])
+    box = float64_box(x, 0.1, (0.0, 1.0))
+    assert exact_min_margin(model, [[box.lower.item()], [0.5], [box.upper.item()]], 0) == exact
+    old = old_float64_check(model, x, labels, stage)  # passes the safety threshold: the old check certifies
+    assert float(old[0]) == pytest.approx(claimed) and bool(old[0] > SafetyMargin().threshold(
+        clean_logits64(float64_ops(model), x))[0])
     for mode in ("ibp", "crown-ibp", "crown"):
         bound = float(rigorous_rows(model, x, 0.1, labels, mode).min())
         assert bound <= exact < 0, mode
@@ -308,17 +340,6 @@ def test_rigorous_bounds_are_within_1e9_of_float64_on_ordinary_networks(kind, se
 # splits, slopes and split multipliers
 
 
-def preactivations(ops, points) -> dict[int, torch.Tensor]:
-    """The float64 input of every ReLU op at the points, and the logits under key -1."""
-    values, current = {}, points
-    for index, op in enumerate(ops):
-        if index in relu_indices(ops):
-            values[index] = current
-        current = op(current)
-    values[-1] = current
-    return values
-
-
 def test_split_bound_with_betas_is_below_the_domain_minimum():
     """Splits (the signs of a sampled point, on two unstable neurons per layer), random slopes
     and multipliers: the rigorous bound is below every sampled point of the domain and below
@@ -355,6 +376,33 @@ def test_split_bound_with_betas_is_below_the_domain_minimum():
     intermediate = intermediate_bounds(ops64, box64, "ibp", split=split)
     assert (rigorous <= split_bound(ops64, box64, spec, intermediate, alphas, betas, split, (3,))[0]).all()
     assert not torch.equal(rigorous, crown_lower(net, bounds, spec, alphas))  # the multipliers enter
+
+
+def test_bab_on_the_interval_network_agrees_with_milp():
+    """Branch and bound proving on the interval network (BatchNorm and Normalize as intervals):
+    certified exactly when the MILP minimum is positive, with a margin below it."""
+    statuses = []
+    for seed in range(3):
+        model = conv_bn_net(seed, extreme=False)
+        x = torch.rand((1, 5, 5), generator=torch.Generator().manual_seed(seed))
+        label = int(model(x[None]).argmax())
+        for eps in (0.05, 0.2):
+            exact = network_milp(float64_ops(model), float64_box(x[None], eps, (0.0, 1.0)), label, 3).minimum
+            if abs(exact) < 1e-3:
+                continue
+
+            def confirm(points, center, target):
+                return torch.tensor([check_counterexample(model, center, target, eps, p).valid for p in points])
+
+            verifier = BranchAndBound(lower_network(model, detach=True), float64_ops(model),
+                                      BabSettings(timeout=60, attack_restarts=0), confirm=confirm,
+                                      net=interval_network(model))
+            result = verifier.verify(x, label, eps, 3)
+            statuses.append(result.status)
+            assert result.status == ("certified" if exact > 0 else "falsified"), (seed, eps, exact, result)
+            if result.status == "certified":
+                assert result.margin_lower <= exact + 1e-9
+    assert "certified" in statuses and "falsified" in statuses
 
 
 def test_point_network_of_float64_ops_matches_the_interval_network_on_dense_nets():

@@ -1,6 +1,6 @@
 """Certification: the cascade of stages (IBP -> CROWN-IBP -> attack -> alpha-CROWN -> branch and
-bound), per-sample verdicts with a float64 soundness check, sharding, resume and merging, and
-export to ONNX + VNN-LIB for external verifiers."""
+bound), per-sample verdicts proven by rigorous floating-point bounds (``rigorous``), sharding,
+resume and merging, and export to ONNX + VNN-LIB for external verifiers."""
 from .bab import BabResult, BabSettings, BranchAndBound
 from .cascade import (
     CertifyResult, Shard, SoundnessError, append_verdicts, certify, default_out_dir, merge, read_verdicts,

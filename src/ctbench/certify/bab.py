@@ -15,21 +15,24 @@ ordered by their margin lower bound, lowest first:
    inherited from the parent and the new split's is initialized in closed form. Without the
    multipliers the bound of a domain ignores where its splits cut the box, and an active split
    makes it *looser* than its parent's.
-2. **Pruning**: a child whose float32 bound exceeds the safety threshold is re-bounded in
-   float64 (its splits, slopes and multipliers, float64 intermediate bounds) and closed when
-   that bound exceeds the threshold too.
+2. **Pruning**: a child whose float32 bound exceeds the safety threshold is re-bounded
+   rigorously on the real network (``rigorous``: its splits, slopes and multipliers, rigorous
+   intermediate bounds from the rigorous root bounds) and closed when that bound exceeds the
+   threshold too.
 3. **Falsifying**: the input that minimizes each child's linear lower bound (a box corner)
    is a candidate counterexample, as are a PGD attack at the root and the minimizer of each LP
    leaf; a candidate counts only after a float32 forward pass of the model confirms it (inside
    the box, misclassified). One confirmed counterexample ends the search: falsified.
 4. **Leaves**: a child without unstable neurons (all ReLUs fixed by splits or by bounds, also
-   checked in float64) is linear on its region, which is the box cut by the split half-spaces.
-   Its exact minimum is an LP over the input (``milp.solve``; the constraint rows are obtained
-   by exact backward passes with the ReLUs replaced by their 0/1 masks). The leaf is closed by
-   a float64 Lagrangian bound built from the LP duals (``soundness.lagrangian_lower_bound``;
-   sound whatever the solver's accuracy); an empty region is closed by a Farkas certificate; a
-   negative minimum gives a candidate counterexample. A leaf that is neither closed nor
-   falsified (a margin within the safety threshold of 0) leaves the sample unknown.
+   in its rigorous bounds) is linear on its region, which is the box cut by the split
+   half-spaces. Its minimum is an LP over the input (``milp.solve``) whose rows and objective
+   are rigorous backward passes (``rigorous.backward``, the ReLUs exact 0/1 maps): each row
+   holds at every point of the real region, so the LP's region contains it. The leaf is closed
+   by a Lagrangian bound built from the LP duals and evaluated rigorously
+   (``soundness.lagrangian_lower_bound``; sound whatever the solver's accuracy); an empty
+   region is closed by a Farkas certificate evaluated the same way; a negative minimum gives a
+   candidate counterexample. A leaf that is neither closed nor falsified (a margin within the
+   safety threshold of 0) leaves the sample unknown.
 5. **Branching**: on the unstable neuron with the largest score |A_j| * (-l_j u_j)/(u_j - l_j)
    (a BaBSR-like estimate of how much the chord relaxation of neuron j loosens the bound; A_j is
    the coefficient of relu(h_j) in the child's linear bound), ties broken by the gap alone.
@@ -55,12 +58,12 @@ from torch import Tensor
 from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import (
-    LinearBound, ReluRelaxation, adaptive_alpha, apply_split, backward, concretize_lower, intermediate_bounds, layer_shapes,
+    LinearBound, adaptive_alpha, apply_split, backward, concretize_lower, intermediate_bounds, layer_shapes,
     relu_indices, relu_relaxation,
 )
 from ..bounds.ibp import ibp_step
 from ..models.ops import Op, ReluOp, run_ops
-from . import milp
+from . import milp, rigorous
 from .soundness import (
     SafetyMargin, clean_logits64, infeasibility_certificate, intersect_intermediate, lagrangian_lower_bound,
     margin_rows,
@@ -103,7 +106,7 @@ class BabSettings:
 @dataclass(frozen=True)
 class BabResult:
     """status: "certified", "falsified" or "unknown"; margin_lower: for certified the smallest
-    float64-verified lower bound of z_y - z_t over all closed domains (inf when every region
+    rigorous lower bound of z_y - z_t over all closed domains (inf when every region
     was empty), otherwise the smallest lower bound over the open domains (float32);
     counterexample: a confirmed float32 point (falsified only); target: its class; domains:
     children bounded; detail: why it stopped."""
@@ -172,15 +175,20 @@ def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas,
 class BranchAndBound:
     """Complete verification of one sample at a time (see the module docstring).
 
-    ``ops32``/``ops64``: the network lowered in float32 / float64; ``confirm(points, x, label)``
-    returns a bool per float32 candidate (N, *shape): True when the plain float32 forward pass
-    of the model misclassifies it and it lies in the box. The cascade passes one built on
-    ``verdicts.check_counterexample``."""
+    ``ops32``/``ops64``: the network lowered in float32 / float64 (the float64 clean logits set
+    the safety threshold); ``net``: the real network every closed domain is proven on
+    (``rigorous.interval_network(model)``, as the cascade passes; default: ``ops64`` read as
+    exact points, ``rigorous.point_network``, which is the model itself when it has no BatchNorm
+    or Normalize layer); ``confirm(points, x, label)`` returns a bool per float32 candidate
+    (N, *shape): True when the plain float32 forward pass of the model misclassifies it and it
+    lies in the box. The cascade passes one built on ``verdicts.check_counterexample``."""
 
     def __init__(self, ops32: Sequence[Op], ops64: Sequence[Op], settings: BabSettings = BabSettings(),
                  safety: SafetyMargin = SafetyMargin(),
-                 confirm: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> None:
+                 confirm: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+                 net: Sequence[rigorous.RigorousOp] | None = None) -> None:
         self.ops32, self.ops64 = tuple(ops32), tuple(ops64)
+        self.net = tuple(net) if net is not None else rigorous.point_network(self.ops64)
         self.settings = settings
         self.safety = safety
         self.confirm = confirm
@@ -201,19 +209,20 @@ class BranchAndBound:
         self._device = x.device
         lo, hi = data_range
         x32 = self._x.unsqueeze(0)
-        x64 = x32.double()
         self._box32 = Box((x32 - eps).clamp(min=lo), (x32 + eps).clamp(max=hi))
-        self._box64 = Box((x64 - eps).clamp(min=lo), (x64 + eps).clamp(max=hi))
+        self._box_real = rigorous.rigorous_box(x32, eps, data_range)
         self._threshold = float(self.safety.threshold(clean_logits64(self.ops64, x32))[0])
         self._crown_layers = auto_crown_layers(self.ops32, self._input_shape, settings.crown_max_neurons)
+        self._real_crown_layers = self._crown_layers if settings.intermediate == "crown" else []
         with torch.no_grad():
             self._root32 = intermediate_bounds(self.ops32, self._box32, settings.intermediate,
                                                crown_layers=self._crown_layers)
-            self._root64 = intermediate_bounds(self.ops64, self._box64, settings.intermediate,
-                                               crown_layers=self._crown_layers)
+        root = rigorous.layer_bounds(self.net, self._box_real, crown_layers=self._real_crown_layers)
+        self._root_real = {index: root[index] for index in self.relus}
         self._shapes = layer_shapes(self.ops32, self._input_shape)
         self._verified_min = math.inf
         self._undecided = 0
+        self._undecided_min = math.inf  # smallest rigorous bound of an undecided leaf (-inf: none computed)
         self._domains = 0
         self._sequence = itertools.count()
         targets = [t for t in range(num_classes) if t != self._label] if targets is None else list(targets)
@@ -236,8 +245,8 @@ class BranchAndBound:
         except _Stop as stop:
             return stop.result
         if self._undecided:
-            return self._result("unknown", [], f"{self._undecided} leaf region(s) with a margin within the "
-                                               f"safety threshold {self._threshold:.3g} of 0")
+            return self._result("unknown", [], f"{self._undecided} linear leaf region(s) neither closed by a "
+                                               f"rigorous bound above {self._threshold:.3g} nor falsified")
         return self._result("certified", [], "all domains closed")
 
     # ------------------------------------------------------------------------------------------
@@ -245,7 +254,7 @@ class BranchAndBound:
         if status == "certified":
             margin = self._verified_min
         else:
-            margin = min([d.lower for d in queue] + [self._verified_min])
+            margin = min([d.lower for d in queue] + [self._verified_min, self._undecided_min])
         return BabResult(status, margin, domains=self._domains, seconds=time.monotonic() - self._start,
                          detail=f"{detail}; domains={self._domains}")
 
@@ -427,15 +436,15 @@ class BranchAndBound:
         if open_rows.numel():
             self._check_candidates(corners[open_rows], [targets[i] for i in open_rows.tolist()],
                                    "minimizer of a domain's bound")
-        # Close domains whose bound is above the threshold, after a float64 re-check.
+        # Close domains whose bound is above the threshold, after a rigorous re-check.
         closed = torch.zeros(count, dtype=torch.bool)
         candidates = (lower > self._threshold).nonzero().flatten()
         if candidates.numel():
             rows = candidates.tolist()
-            lower64 = self._recheck64([targets[i] for i in rows], {i: m[candidates] for i, m in split.items()},
-                                      {i: a[candidates] for i, a in alphas.items()},
-                                      {i: b[candidates] for i, b in betas.items()})
-            for row, bound in zip(rows, lower64.tolist()):
+            lower_real = self._recheck([targets[i] for i in rows], {i: m[candidates] for i, m in split.items()},
+                                        {i: a[candidates] for i, a in alphas.items()},
+                                        {i: b[candidates] for i, b in betas.items()})
+            for row, bound in zip(rows, lower_real.tolist()):
                 if bound > self._threshold:
                     closed[row] = True
                     self._verified_min = min(self._verified_min, bound)
@@ -468,27 +477,29 @@ class BranchAndBound:
                          for layer, neuron, _ in decisions)
             heapq.heappush(queue, _Domain(float(lower[row]), next(self._sequence), target, decisions, branch, kept))
 
-    def _recheck64(self, targets: list[int], split: dict[int, Tensor], alphas, betas) -> Tensor:
-        """The split bound of the given domains recomputed in float64 (same slopes and
-        multipliers, float64 intermediate bounds with the splits), shape (n,)."""
-        count = len(targets)
-        box = self._expand(self._box64, count)
-        intermediate = self._domain_intermediate(self.ops64, box, split, self._root64)
-        with torch.no_grad():
-            lower, _, _ = split_bound(self.ops64, box, self._spec(targets, torch.float64), intermediate,
-                                      {i: a.double() for i, a in alphas.items()},
-                                      {i: b.double() for i, b in betas.items()}, split, self._input_shape)
-        return lower[:, 0]
+    def _real_bounds(self, box: Box, split: dict[int, Tensor]) -> list[Box]:
+        """Rigorous bounds of every layer of the real network for a batch of domains
+        (``rigorous.layer_bounds``): the root's ReLU boxes tightened by the splits and by IBP
+        ("ibp"), or by CROWN with the splits as well ("crown"), like ``_domain_intermediate``."""
+        crown = self._real_crown_layers if self.settings.domain_intermediate == "crown" else ()
+        return rigorous.layer_bounds(self.net, box, crown_layers=crown, split=split, given=self._root_real)
+
+    def _recheck(self, targets: list[int], split: dict[int, Tensor], alphas, betas) -> Tensor:
+        """The split bound of the given domains recomputed rigorously on the real network (same
+        slopes and multipliers, rigorous intermediate bounds with the splits), shape (n,)."""
+        box = self._expand(self._box_real, len(targets))
+        bounds = self._real_bounds(box, split)
+        return rigorous.crown_lower(self.net, bounds, self._spec(targets, torch.float64), alphas, betas, split)[:, 0]
 
     # ------------------------------------------------------------------------------------------
     def _leaf(self, target: int, decisions: tuple[Decision, ...]) -> tuple[int, int] | None:
         """Decide a domain without unstable neurons (float32). Returns a neuron to branch on when
-        float64 bounds still see one unstable, else None (closed, undecided, or raises _Stop)."""
+        its rigorous bounds still see one unstable, else None (closed, undecided, or raises _Stop)."""
         split = self._masks([(target, decisions, ())])
-        intermediate = self._domain_intermediate(self.ops64, self._box64, split, self._root64)
+        bounds = self._real_bounds(self._box_real, split)
         best, best_branch = -1.0, None
         for index in self.relus:
-            pre = intermediate[index]
+            pre = bounds[index]
             l, u = pre.lower.flatten(), pre.upper.flatten()
             gap = torch.where((l < 0) & (u > 0), torch.minimum(-l, u), torch.full_like(l, -1.0))
             if gap.numel() and float(gap.max()) > best:
@@ -496,46 +507,45 @@ class BranchAndBound:
         if best > 0:
             return best_branch
         if not self.settings.lp_leaves:
-            self._undecided += 1
+            self._undecide(-math.inf)
             return None
-        self._solve_leaf(target, decisions, split, intermediate)
+        self._solve_leaf(target, decisions, bounds)
         return None
 
-    def _solve_leaf(self, target: int, decisions: tuple[Decision, ...], split: dict[int, Tensor],
-                    intermediate: dict[int, Box]) -> None:
-        # Exact (0/1) relaxations: the network is linear on the leaf's region.
-        relaxations = {}
-        for index in self.relus:
-            pre = intermediate[index]
-            mask = split[index].to(torch.float64)
-            active = torch.where(mask != 0, (mask > 0).to(torch.float64), (pre.lower >= 0).to(torch.float64))
-            active = active.unsqueeze(1)
-            relaxations[index] = ReluRelaxation(active, active, torch.zeros_like(active))
+    def _undecide(self, bound: float) -> None:
+        """A leaf neither closed nor falsified; ``bound``: its rigorous lower bound, if any."""
+        self._undecided += 1
+        self._undecided_min = min(self._undecided_min, bound)
+
+    def _leaf_rows(self, decisions: tuple[Decision, ...], bounds: list[Box]) -> tuple[Tensor, Tensor]:
+        """LP rows G x <= h that every point of the leaf's real region satisfies: for a split
+        (j, s), ``rigorous.backward`` of the row -s e_j gives -s h_j(x) >= a . x + c there, and
+        s h_j(x) >= 0, so a . x <= -c."""
         rows_A, rows_b = [], []
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, neuron, sign in decisions:
             by_layer.setdefault(layer, []).append((neuron, sign))
         for layer, items in by_layer.items():
+            count = len(items)
+            A = torch.zeros(1, count, math.prod(self._shapes[layer]), dtype=torch.float64, device=self._device)
             neurons = torch.tensor([n for n, _ in items], device=self._device)
-            signs = torch.tensor([s for _, s in items], dtype=torch.float64, device=self._device)
-            size = math.prod(self._shapes[layer])
-            A = torch.zeros(1, len(items), size, dtype=torch.float64, device=self._device)
-            A[0, torch.arange(len(items), device=self._device), neurons] = 1.0
-            A = A.view(1, len(items), *self._shapes[layer])
-            bound = backward(self.ops64[:layer], LinearBound(A, torch.zeros(1, len(items), dtype=torch.float64,
-                                                                                  device=self._device)),
-                             self._input_shape, relaxations)
-            # pre(x) = a . x + b;  sign * pre(x) >= 0  <=>  -sign * a . x <= sign * b
-            rows_A.append(-signs.unsqueeze(1) * bound.A[0].flatten(1))
-            rows_b.append(signs * bound.bias[0])
-        spec = self._spec([target], torch.float64)
-        objective = backward(self.ops64, LinearBound(spec, torch.zeros(1, 1, dtype=torch.float64, device=self._device)),
-                             self._input_shape, relaxations)
-        g, g0 = objective.A[0, 0].flatten(), float(objective.bias[0, 0])
-        n = g.numel()
+            A[0, torch.arange(count, device=self._device), neurons] = torch.tensor(
+                [-s for _, s in items], dtype=torch.float64, device=self._device)
+            A_in, offset = rigorous.backward(self.net[:layer], bounds[:layer], A.view(1, count, *self._shapes[layer]))
+            rows_A.append(A_in[0].flatten(1))
+            rows_b.append(-offset[0])
+        n = math.prod(self._input_shape)
         G = torch.cat(rows_A) if rows_A else torch.zeros(0, n, dtype=torch.float64, device=self._device)
         h = torch.cat(rows_b) if rows_b else torch.zeros(0, dtype=torch.float64, device=self._device)
-        lower, upper = self._box64.lower.flatten(), self._box64.upper.flatten()
+        return G, h
+
+    def _solve_leaf(self, target: int, decisions: tuple[Decision, ...], bounds: list[Box]) -> None:
+        """The leaf's LP on rigorous data (``_leaf_rows``; margin >= g . x + g0 on the region by
+        ``rigorous.backward``), closed by a rigorous Lagrangian bound from its duals."""
+        G, h = self._leaf_rows(decisions, bounds)
+        objective_A, objective_offset = rigorous.backward(self.net, bounds, self._spec([target], torch.float64))
+        g, g0 = objective_A[0, 0].flatten(), float(objective_offset[0, 0])
+        lower, upper = self._box_real.lower.flatten(), self._box_real.upper.flatten()
         G_np, h_np = G.cpu().numpy(), h.cpu().numpy()
         inf = float("inf")
         solution = milp.solve(g.cpu().numpy(), G_np, [-inf] * h_np.size if h_np.size else h_np, h_np,
@@ -552,16 +562,16 @@ class BranchAndBound:
             if solution.objective < 0 and solution.x is not None:
                 point = torch.from_numpy(solution.x).to(self._device).view(1, *self._input_shape)
                 self._check_candidates(point.float(), [target], "LP minimizer of a linear region")
-            self._undecided += 1
+            self._undecide(bound)
             return
         if solution.status == "infeasible":
             if self._empty_region(G, h, lower, upper):
                 return
-        self._undecided += 1
+        self._undecide(-math.inf)
 
     def _empty_region(self, G: Tensor, h: Tensor, lower: Tensor, upper: Tensor) -> bool:
         """Prove {x in box : G x <= h} empty: max t s.t. G x + t <= h, t <= 1, and check the
-        duals as a Farkas certificate in float64."""
+        duals as a Farkas certificate, evaluated rigorously."""
         rows, n = G.shape
         if rows == 0:
             return False

@@ -1,56 +1,64 @@
 """Floating-point soundness of a "certified" verdict.
 
 The bound stages run in float32 (fast, and what the network was trained in). A float32 bound
-carries rounding error: a margin lower bound of +1e-8 computed in float32 says nothing about
-the sign of the real margin. So the final decision for every certified sample is re-done here:
+carries rounding error, and so would a plain float64 recomputation: with a neuron of 2^70 next
+to a bias of 50, float64 absorbs the 50 and can report a positive margin where the exact one is
+-48.95. So every certified verdict rests on a *rigorous* bound (``rigorous``): interval
+arithmetic and CROWN in float64 with every rounding error bounded, so that the bound is <= the
+exact real-valued one. The network certified is the real-valued function of the model's float32
+parameters (``rigorous.interval_network``: BatchNorm with its population statistics and the
+input normalization as per-channel intervals that contain their real parameters, never folded),
+on the box rebuilt outward from the float32 input and eps (``rigorous.rigorous_box``):
 
-1. the model is lowered again with every parameter cast to float64 (``float64_ops``: the same
-   population BatchNorm statistics, folded in float64); the network being certified is this
-   real-valued function of the float32 parameters;
-2. the box is rebuilt in float64 from the float32 input and the float eps:
-   [max(x - eps, lo), min(x + eps, hi)]; rounding to nearest can only move a face of the box
-   outwards past no float64 point of the real box, so every float32 (and float64) point within
-   eps of x is inside it;
-3. the certifying stage's bound is recomputed in float64 on that box: IBP; CROWN-IBP;
-   CROWN with the float32 run's optimized alpha slopes (any slopes in [0, 1] are sound, so
-   reusing them costs one backward pass) and intermediate bounds recomputed in float64; for
-   branch and bound every closed domain is re-bounded in float64 the same way (its splits, its
-   slopes and its split multipliers beta, which are sound for any value >= 0), and a leaf closed
-   by an LP is closed by a Lagrangian (dual) bound evaluated in float64
-   (``lagrangian_lower_bound``), so the LP solver's tolerances do not enter; the ``milp`` stage
-   is the exception: its certificate is HiGHS' optimum (tolerances 1e-9), see ``milp``;
-4. the sample is certified only if every recomputed margin lower bound exceeds the safety
+1. ``ibp`` and ``crown-ibp``: a candidate (float32 bound > 0) is re-bounded rigorously: IBP with
+   last-layer elision; CROWN with rigorous IBP intermediate bounds;
+2. ``alpha-crown``: rigorous CROWN with the float32 run's optimized slopes (any slope in [0, 1]
+   is sound, so reusing them costs one backward pass) and rigorous intermediate bounds (CROWN
+   for the same layers, IBP for the others);
+3. ``bab``: a domain is closed only when its rigorous bound (its splits, its slopes and its
+   split multipliers beta, sound for any beta >= 0, rigorous intermediate bounds) exceeds the
+   threshold. A leaf (no unstable neuron left in its rigorous bounds) is linear on its region
+   and is decided by an LP whose data come from rigorous backward passes
+   (``rigorous.backward``): for a split neuron j (sign s_j), -s_j h_j(x) >= a_j . x + c_j on the
+   region, exactly, so every point of the real region satisfies the row a_j . x <= -c_j (the
+   LP's region contains the real one), and the margin is >= g . x + g0 there. The solver only
+   proposes multipliers; the leaf is closed by a Lagrangian bound evaluated rigorously
+   (``lagrangian_lower_bound``), an empty region by a Farkas certificate evaluated the same way
+   (``infeasibility_certificate``), so neither the folded/rounded network nor the solver's
+   tolerances enter. (The ``milp`` stage only falsifies.)
+4. the sample is certified only if every rigorous margin lower bound exceeds the safety
    threshold  ``atol + rtol * max_k |z_k(x)|``  (z: the float64 logits of the clean input),
-   with ``atol = 1e-6`` and ``rtol = 1e-5`` by default (``SafetyMargin``).
+   with ``atol = 1e-6`` and ``rtol = 1e-5`` by default (``SafetyMargin``); ``margin_lower`` of
+   a certified verdict is the rigorous bound.
 
-Why these numbers: float64 rounding in the recomputation is about 1e-16 relative, far below
-1e-6; the threshold is there so that a certificate is not a statement about rounding noise. A
-relative term of 1e-5 (about 80 float32 ulps of the largest logit) keeps a margin that the
-float32 forward pass of the deployed model could flip by its own rounding from being reported
-as certified in practice; it is not a proof about float32 execution (that would need interval
-arithmetic with directed rounding through every layer). A margin of the order of float32
-epsilon (1e-7 relative) is never certified. Only samples whose best bound lies within the
-threshold of 0 are affected (such a sample ends "unknown" unless an attack falsifies it).
+The threshold is not what makes the check sound (any rigorous bound > 0 is a proof about the
+real network); it is an engineering margin: a relative term of 1e-5 (about 80 float32 ulps of
+the largest logit) keeps a margin that the float32 forward pass of the deployed model could
+flip by its own rounding from being reported as certified. It is not a proof about float32
+execution. A margin of the order of float32 epsilon (1e-7 relative) is never certified; only
+samples whose best bound lies within the threshold of 0 are affected (such a sample ends
+"unknown" unless an attack falsifies it).
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, fields, replace
-from typing import Collection, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..bounds.box import Box
-from ..bounds.crown import crown_bounds, crown_ibp_margin_lower, intermediate_bounds
-from ..bounds.ibp import ibp_margin_lower
 from ..bounds.spec import margin_spec
 from ..models.ops import Op, lower_network, run_ops
+from .rigorous import ETA, concretize, dot_upper, gamma, inflate, next_down, next_up
 
 
 @dataclass(frozen=True)
 class SafetyMargin:
-    """Certified means: float64 margin lower bound > atol + rtol * max_k |z_k(clean x)|."""
+    """Certified means: rigorous margin lower bound > atol + rtol * max_k |z_k(clean x)| (an
+    engineering margin on top of the proof, see the module docstring)."""
 
     atol: float = 1e-6
     rtol: float = 1e-5
@@ -129,33 +137,7 @@ def scatter_rows(rows: Tensor, labels: Tensor, num_classes: int, targets: Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# float64 recomputation of each stage's bound
-
-
-def ibp_margins64(ops64: Sequence[Op], box64: Box, labels: Tensor) -> Tensor:
-    with torch.no_grad():
-        return ibp_margin_lower(ops64, box64, labels)[0]
-
-
-def crown_ibp_margins64(ops64: Sequence[Op], box64: Box, labels: Tensor, num_classes: int) -> Tensor:
-    with torch.no_grad():
-        return crown_ibp_margin_lower(ops64, box64, labels, num_classes)
-
-
-def crown_rows64(ops64: Sequence[Op], box64: Box, spec: Tensor, alphas: Mapping[int, Tensor] | None, *,
-                 mode: str = "crown", crown_layers: Collection[int] | None = None,
-                 split: Mapping[int, Tensor] | None = None,
-                 root_intermediate: Mapping[int, Box] | None = None) -> Tensor:
-    """CROWN lower bounds (B, S) of spec rows in float64, with float64 intermediate bounds
-    (``mode``, ``crown_layers``, ``split``; intersected with ``root_intermediate`` when given,
-    bounds valid on the whole box) and the given lower slopes cast to float64."""
-    with torch.no_grad():
-        intermediate = intermediate_bounds(ops64, box64, mode, split=split, crown_layers=crown_layers)
-        if root_intermediate is not None:
-            intermediate = intersect_intermediate(intermediate, root_intermediate)
-        alphas64 = {index: alpha.detach().to(device=box64.lower.device, dtype=torch.float64)
-                    for index, alpha in (alphas or {}).items()}
-        return crown_bounds(ops64, box64, spec.to(torch.float64), intermediate, alphas64)
+# Intermediate bounds
 
 
 def intersect_intermediate(intermediate: Mapping[int, Box], other: Mapping[int, Box]) -> dict[int, Box]:
@@ -174,31 +156,36 @@ def intersect_intermediate(intermediate: Mapping[int, Box], other: Mapping[int, 
 # Lagrangian bounds for LP-closed regions
 
 
-def box_min_linear(coefficients: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    """min over lower <= x <= upper of coefficients . x (1-D float64 tensors)."""
-    return torch.where(coefficients >= 0, coefficients * lower, coefficients * upper).sum()
-
-
 def lagrangian_lower_bound(objective: Tensor, offset: float, constraint_matrix: Tensor, constraint_rhs: Tensor,
                            multipliers: Tensor, lower: Tensor, upper: Tensor) -> float:
-    """A sound lower bound of  min objective . x + offset  s.t.  constraint_matrix x <= rhs,
-    lower <= x <= upper, for any multipliers >= 0 (weak duality, evaluated in float64):
+    """A rigorous lower bound of  min objective . x + offset  s.t.  G x <= rhs, lower <= x <= upper,
+    for any multipliers lambda (clamped to >= 0; weak duality):
 
-        min_{x in box} (objective + G^T lambda) . x + offset - lambda . rhs.
+        min_{x in box} (g + G^T lambda) . x + offset - lambda . rhs,
 
-    Negative multipliers are clamped to 0, so any input gives a valid bound."""
+    evaluated with the error model of ``rigorous``: v = fl(g + G^T lambda) (m rows) differs from
+    the exact coefficients by at most E = gamma_{m+1} (|g| + |G|^T lambda) + (m+1) eta, which
+    costs E . max(|lower|, |upper|); the minimum of v . x is ``rigorous.concretize``'s; and
+    lambda . rhs <= fl(lambda . rhs) + gamma_m lambda . |rhs| + m eta. NaN gives -inf."""
     lam = multipliers.to(torch.float64).clamp(min=0)
-    coefficients = objective.to(torch.float64) + constraint_matrix.to(torch.float64).T @ lam
-    value = box_min_linear(coefficients, lower.to(torch.float64), upper.to(torch.float64))
-    return float(value + offset - lam @ constraint_rhs.to(torch.float64))
+    G, rhs, g = constraint_matrix.to(torch.float64), constraint_rhs.to(torch.float64), objective.to(torch.float64)
+    rows, n = G.shape
+    coefficients = g + G.T @ lam
+    error = inflate(gamma(rows + 1) * (dot_upper(G.abs().T @ lam, rows) + g.abs()) + (rows + 1) * ETA)
+    lower, upper = lower.to(torch.float64).view(1, n), upper.to(torch.float64).view(1, n)
+    slack = dot_upper(error @ torch.maximum(lower.abs(), upper.abs())[0], n)
+    rhs_upper = next_up(lam @ rhs + inflate(gamma(rows) * dot_upper(lam @ rhs.abs(), rows) + rows * ETA))
+    box_min = concretize(coefficients.view(1, 1, n), torch.tensor([[offset]], dtype=torch.float64, device=g.device),
+                         Box(lower, upper))[0, 0]
+    value = next_down(next_down(box_min - slack) - rhs_upper)
+    return float(value.nan_to_num(-math.inf, math.inf, -math.inf))
 
 
 def infeasibility_certificate(constraint_matrix: Tensor, constraint_rhs: Tensor, multipliers: Tensor,
                               lower: Tensor, upper: Tensor) -> float:
-    """For lambda >= 0: min over the box of lambda . (G x - rhs). Every x with G x <= rhs has
-    lambda . (G x - rhs) <= 0, so a positive value proves that no x of the box satisfies
-    G x <= rhs (Farkas); negative multipliers are clamped to 0."""
-    lam = multipliers.to(torch.float64).clamp(min=0)
-    coefficients = constraint_matrix.to(torch.float64).T @ lam
-    return float(box_min_linear(coefficients, lower.to(torch.float64), upper.to(torch.float64))
-                 - lam @ constraint_rhs.to(torch.float64))
+    """For lambda >= 0: a rigorous lower bound of min over the box of lambda . (G x - rhs) (the
+    Lagrangian bound of the zero objective). Every x with G x <= rhs has lambda . (G x - rhs)
+    <= 0, so a positive value proves that no x of the box satisfies G x <= rhs (Farkas);
+    negative multipliers are clamped to 0."""
+    zero = torch.zeros(constraint_matrix.shape[1], dtype=torch.float64, device=constraint_matrix.device)
+    return lagrangian_lower_bound(zero, 0.0, constraint_matrix, constraint_rhs, multipliers, lower, upper)

@@ -6,13 +6,14 @@ bound per sample where it computed one, and optionally its own per-sample second
 never write files or build records: the cascade turns decisions into ``Verdict`` records,
 confirming every counterexample with the model's float32 forward pass.
 
-* ``ibp``: IBP with last-layer elision; certified after a float64 re-check (``soundness``).
-* ``crown-ibp``: CROWN on the margins with IBP intermediate bounds; float64 re-check.
+* ``ibp``: IBP with last-layer elision; certified after a rigorous re-check (``soundness``,
+  ``rigorous``).
+* ``crown-ibp``: CROWN on the margins with IBP intermediate bounds; rigorous re-check.
 * ``attack``: PGD with the margin loss and per-sample seeded restarts, then optionally
   APGD-CE and APGD-T (``autoattack_like``); falsifies.
 * ``alpha-crown``: alpha-CROWN on the K-1 margins with CROWN intermediate bounds for the
   ReLU layers of at most ``crown_max_neurons`` neurons (the dense ones in CNN7; both conv
-  layers of CNN3 on MNIST), IBP for the others; float64 re-check with the optimized slopes.
+  layers of CNN3 on MNIST), IBP for the others; rigorous re-check with the optimized slopes.
 * ``bab``: branch and bound with alpha/beta-CROWN bounds and exact LP leaves
   (``bab.BranchAndBound``), complete up to its time-out; one sample at a time.
 * ``milp``: an exact MILP (HiGHS) of the whole network, for tiny networks only
@@ -26,6 +27,7 @@ Adding a stage: a class with ``name`` and ``run(ctx, samples) -> Outcome``, regi
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,10 +45,8 @@ from ..models.ops import Op, run_ops
 from ..registry import Registry
 from .bab import BabSettings, BranchAndBound, auto_crown_layers
 from .milp import network_milp, network_neurons
-from .soundness import (
-    SafetyMargin, clean_logits64, crown_ibp_margins64, crown_rows64, float64_box, ibp_margins64, margin_rows,
-    min_other,
-)
+from .rigorous import RigorousOp, crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
+from .soundness import SafetyMargin, clean_logits64, float64_box, margin_rows, min_other
 from .verdicts import check_counterexample, project_float32
 
 DEFAULT_STAGES = ("ibp", "crown-ibp", "attack", "alpha-crown", "bab")
@@ -146,6 +146,15 @@ class StageContext:
     def data_range(self) -> tuple[float, float]:
         return self.settings.data_range
 
+    @functools.cached_property
+    def net(self) -> tuple[RigorousOp, ...]:
+        """The real-valued network every certificate is about (``rigorous.interval_network``)."""
+        return interval_network(self.model)
+
+    def outward_box(self, x: Tensor) -> Box:
+        """The box of every real point within eps of x (``rigorous.rigorous_box``)."""
+        return rigorous_box(x, self.eps, self.data_range)
+
 
 @dataclass(eq=False)
 class OpenSamples:
@@ -205,17 +214,19 @@ def _thresholds(ctx: StageContext, x: Tensor) -> Tensor:
     return ctx.settings.safety.threshold(clean_logits64(ctx.ops64, x))
 
 
-def _certify_by_float64(ctx: StageContext, samples: OpenSamples, margins32: Tensor, recheck) -> Outcome:
-    """Candidates (float32 min margin > 0) are re-bounded in float64 by ``recheck(rows)`` ->
-    (m, K) margins; certified where the float64 min margin exceeds the safety threshold."""
+def _certify_rigorously(ctx: StageContext, samples: OpenSamples, margins32: Tensor, rigorous_rows) -> Outcome:
+    """Candidates (float32 min margin > 0) are re-bounded by ``rigorous_rows(box, spec)`` ->
+    (m, K-1) rigorous lower bounds of their margin rows; certified where the smallest exceeds
+    the safety threshold."""
     lower32 = min_other(margins32, samples.labels).double()
     margins = lower32.clone()
     decisions = []
     candidates = (lower32 > 0).nonzero().flatten()
     if candidates.numel():
-        lower64 = min_other(recheck(candidates), samples.labels[candidates])
+        spec = margin_rows(samples.labels[candidates], ctx.num_classes, torch.float64)
+        lower = rigorous_rows(ctx.outward_box(samples.x[candidates]), spec).amin(dim=1)
         threshold = _thresholds(ctx, samples.x[candidates])
-        for row, bound, limit in zip(candidates.tolist(), lower64.tolist(), threshold.tolist()):
+        for row, bound, limit in zip(candidates.tolist(), lower.tolist(), threshold.tolist()):
             margins[row] = bound
             if bound > limit:
                 decisions.append(Decision(row, "certified", bound))
@@ -229,12 +240,8 @@ class IbpStage(Stage):
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
         with torch.no_grad():
             margins32, _ = ibp_margin_lower(ctx.ops32, _box32(ctx, samples.x), samples.labels)
-
-        def recheck(rows: Tensor) -> Tensor:
-            box = float64_box(samples.x[rows], ctx.eps, ctx.data_range)
-            return ibp_margins64(ctx.ops64, box, samples.labels[rows])
-
-        return _certify_by_float64(ctx, samples, margins32, recheck)
+        return _certify_rigorously(ctx, samples, margins32,
+                                   lambda box, spec: ibp_lower(ctx.net, layer_bounds(ctx.net, box), spec))
 
 
 @STAGES.register("crown-ibp")
@@ -244,12 +251,8 @@ class CrownIbpStage(Stage):
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
         with torch.no_grad():
             margins32 = crown_ibp_margin_lower(ctx.ops32, _box32(ctx, samples.x), samples.labels, ctx.num_classes)
-
-        def recheck(rows: Tensor) -> Tensor:
-            box = float64_box(samples.x[rows], ctx.eps, ctx.data_range)
-            return crown_ibp_margins64(ctx.ops64, box, samples.labels[rows], ctx.num_classes)
-
-        return _certify_by_float64(ctx, samples, margins32, recheck)
+        return _certify_rigorously(ctx, samples, margins32,
+                                   lambda box, spec: crown_lower(ctx.net, layer_bounds(ctx.net, box), spec))
 
 
 @STAGES.register("alpha-crown")
@@ -273,12 +276,12 @@ class AlphaCrownStage(Stage):
             candidates = (lower32 > 0).nonzero().flatten()
             if candidates.numel() == 0:
                 continue
-            box64 = float64_box(x[candidates], ctx.eps, ctx.data_range)
-            lower64 = crown_rows64(ctx.ops64, box64, margin_rows(labels[candidates], ctx.num_classes, torch.float64),
-                                   {index: alpha[candidates] for index, alpha in result.alphas.items()},
-                                   mode=settings.intermediate, crown_layers=crown_layers).amin(dim=1)
+            bounds = layer_bounds(ctx.net, ctx.outward_box(x[candidates]),
+                                  crown_layers=crown_layers if settings.intermediate == "crown" else ())
+            lower = crown_lower(ctx.net, bounds, margin_rows(labels[candidates], ctx.num_classes, torch.float64),
+                                {index: alpha[candidates] for index, alpha in result.alphas.items()}).amin(dim=1)
             threshold = _thresholds(ctx, x[candidates])
-            for local, bound, limit in zip(candidates.tolist(), lower64.tolist(), threshold.tolist()):
+            for local, bound, limit in zip(candidates.tolist(), lower.tolist(), threshold.tolist()):
                 position = start + local
                 outcome.margins[position] = bound
                 if bound > limit:
@@ -346,7 +349,8 @@ class BabStage(Stage):
     per_sample = True
 
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
-        verifier = BranchAndBound(ctx.ops32, ctx.ops64, ctx.settings.bab, ctx.settings.safety, _bab_confirm(ctx))
+        verifier = BranchAndBound(ctx.ops32, ctx.ops64, ctx.settings.bab, ctx.settings.safety, _bab_confirm(ctx),
+                                  net=ctx.net)
         outcome = Outcome(margins=torch.full((len(samples),), -math.inf, dtype=torch.float64), seconds=[])
         for position in range(len(samples)):
             start = time.monotonic()

@@ -54,7 +54,7 @@ class Verdict:
     wrong samples; for unknown, the last stage tried); seconds: wall time spent on the sample
     (batched stages share their time equally among the samples they ran on); margin_lower: the
     best lower bound of min_{i != y} (z_y - z_i) over the box that any stage computed
-    (float64-verified for certified samples; None when no bound was computed); label and
+    (the rigorous bound for certified samples; None when no bound was computed); label and
     predicted (the class of the clean input, or of the counterexample when falsified);
     counterexample: the point as a nested list (float32 values) or counterexample_path: a
     file (``.npy``) holding it; margin_upper: z_y - max_{i != y} z_i at the counterexample

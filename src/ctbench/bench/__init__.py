@@ -6,7 +6,10 @@ database, and Table 1 / Table 8 against the literature.
 * ``runner``: ``run_suite`` (skip done, resume, parallel workers, ingest);
 * ``store``: the SQLite results database (schema in its docstring);
 * ``reference``: the literature's and the paper's figures (``reference.yaml``), with sources;
-* ``tables``: Table 1 and Table 8 of a suite; ``export``: CSV, JSON and model cards.
+* ``tables``: Table 1 and Table 8 of a suite; ``export``: CSV, JSON and model cards;
+* ``report``: the suite's self-contained HTML page (figures in ``report_figures``);
+* ``sweep``, ``sweep_study``, ``sweep_results``: grid sweeps on Optuna over validation accuracy,
+  their Pareto front and the chosen config as a user preset (``ctbench sweep``, ``sweep_cli``).
 """
 from .jobs import AnalysisSpec, CertifySpec, Job, job_done
 from .runner import BenchReport, Monitor, run_suite

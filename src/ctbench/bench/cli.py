@@ -1,9 +1,10 @@
 """``ctbench bench``: run a benchmark suite, print its tables, export its results.
 
     ctbench bench run SUITE [--seeds 0,1,2] [--workers N] [--root runs/bench] [--db PATH] [--threads T]
-    ctbench bench table SUITE [--format md|latex|csv] [--seeds ...] [--db PATH]
-    ctbench bench times SUITE [--format md|latex|csv] [--seeds ...] [--db PATH]
+    ctbench bench table SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
+    ctbench bench times SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
     ctbench bench export [--csv DIR] [--json FILE] [--cards DIR] [--suite NAME] [--db PATH]
+    ctbench bench report SUITE [--db PATH] [--out FILE.html] [--figures DIR] [--seeds ...]
     ctbench bench suites
 
 SUITE is a shipped suite (``ctbench bench suites``) or a YAML file (schema: ``bench.suites``).
@@ -25,7 +26,7 @@ DATABASE_FILE = "ctbench.sqlite"
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand (with run, table, times, export, suites) to a subparsers object."""
+    """Add the ``bench`` subcommand (with run, table, times, report, export, suites) to a subparsers object."""
     parser = subparsers.add_parser("bench", help="benchmark suites: run, tables against the literature, export")
     commands = parser.add_subparsers(dest="bench_command", required=True)
 
@@ -42,9 +43,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         ("times", "Table 8: train and certify time per method beside the paper's")):
         table = commands.add_parser(name, help=about)
         _add_suite_options(table)
-        table.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex or csv")
+        table.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, csv or html")
         table.add_argument("--out", help="write the table to this file instead of printing it")
         table.set_defaults(run=cmd_table, kind=name)
+
+    report = commands.add_parser("report", help="one self-contained HTML page: tables, certification, training "
+                                 "curves, analyses, sweeps")
+    _add_suite_options(report)
+    report.add_argument("--out", metavar="FILE.html", help="the page (default: report-SUITE.html beside the database)")
+    report.add_argument("--figures", action="append", default=[], metavar="DIR",
+                        help="also embed the PNG/SVG figures in DIR, e.g. from `ctbench analyze figures` (repeatable)")
+    report.set_defaults(run=cmd_report)
 
     export = commands.add_parser("export", help="CSV and JSON of the database, and one model card per model")
     export.add_argument("--csv", metavar="DIR", help="one <table>.csv per table")
@@ -175,6 +184,33 @@ def cmd_table(args) -> int:
         print(f"wrote {args.out}")
     else:
         print(text, end="")
+    return 0
+
+
+@_reporting_store_errors
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .store import connect
+    from .sweep_study import storage_path
+
+    try:
+        import matplotlib  # noqa: F401  (the report's figures)
+    except ImportError:
+        raise ConfigError("ctbench bench report draws its figures with matplotlib: pip install 'ctbench[analysis]'") \
+            from None
+    missing = [folder for folder in args.figures if not Path(folder).is_dir()]
+    if missing:
+        raise ConfigError(f"--figures {missing[0]} is not a folder; give the folder of the figure files "
+                          "(e.g. the --out of `ctbench analyze figures`)")
+    suite = _suite(args)
+    database = _database(args)
+    out = Path(args.out) if args.out else database.parent / f"report-{suite.name}.html"
+    connection = connect(database, create=False)
+    try:
+        write_report(connection, suite, out, storage_path(database), [Path(folder) for folder in args.figures])
+    finally:
+        connection.close()
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,26 +1,29 @@
-"""A ``tables.Table`` as Markdown, LaTeX or CSV text.
+"""A ``tables.Table`` as Markdown, LaTeX, CSV or HTML text.
 
 Accuracies print with two decimals, seconds with three significant digits; a mean over several
 seeds prints as "mean ± std"; a missing figure as "–". Markdown and LaTeX bold the best
 figures and end with the table's notes (sources); CSV has one column per figure plus a
-``<column>_std`` column, no marking and no notes.
+``<column>_std`` column, no marking and no notes. HTML is a ``<table>`` fragment (the report
+page styles it): best figures in ``<b class="best">``, the title as its caption, the notes in a
+list after it.
 """
 from __future__ import annotations
 
 import csv
 import io
+from html import escape
 
 from .reference import Value
 from .tables import Table
 
-FORMATS = ("md", "latex", "csv")
+FORMATS = ("md", "latex", "csv", "html")
 MISSING = "–"
 
 
 def render(table: Table, form: str) -> str:
     if form not in FORMATS:
         raise ValueError(f"unknown table format {form!r}; use one of {', '.join(FORMATS)}")
-    return {"md": markdown, "latex": latex, "csv": as_csv}[form](table)
+    return {"md": markdown, "latex": latex, "csv": as_csv, "html": as_html}[form](table)
 
 
 def _number(value: float, unit: str) -> str:
@@ -112,3 +115,15 @@ def _csv_number(value: Value | None) -> list:
     if value.text is not None:
         return [value.text, ""]
     return ["" if value.mean is None else value.mean, "" if value.std is None else value.std]
+
+
+def as_html(table: Table) -> str:
+    header = ["Setting", "Method", *(column.header for column in table.columns)]
+    lines = ['<table class="results">', f"<caption>{escape(table.title)}</caption>",
+             "<thead><tr>" + "".join(f"<th>{escape(text)}</th>" for text in header) + "</tr></thead>", "<tbody>"]
+    for cells in _grid(table, lambda text: f'<b class="best">{text}</b>', escape=escape):
+        lines.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    if table.notes:
+        lines.append('<ul class="notes">' + "".join(f"<li>{escape(note)}</li>" for note in table.notes) + "</ul>")
+    return "\n".join(lines) + "\n"

@@ -106,7 +106,7 @@ def train(job: Job, root: Path, report: Report) -> dict:
         report(f"{job.label}: train {description}")
         return iterable
 
-    trainer = Trainer(config, run_dir, progress=progress, dataset=_dataset(config.data))
+    trainer = Trainer(config, run_dir, progress=progress, dataset=dataset_of(config.data))
     results = trainer.fit(resume=(run_dir / "checkpoint.pt").exists())
     return {"model": results["model"], "device": str(trainer.device)}
 
@@ -117,7 +117,7 @@ def certify(job: Job, root: Path, report: Report) -> dict:
     from ..training import resolve_device
 
     model, config = _trained(job, root)
-    test = _dataset(config.data).test
+    test = dataset_of(config.data).test
     count = len(test) if job.certify.count is None else min(job.certify.count, len(test))
     device = resolve_device(config.device)
     result = run_cascade(model, test, config.eps.test_eps, indices=range(count), out_dir=job.certify_dir(root),
@@ -131,7 +131,7 @@ def analyze(job: Job, root: Path, spec: AnalysisSpec, report: Report) -> dict:
     """One chosen analysis of the trained model on the first ``spec.count`` test samples."""
     report(f"{job.label}: {spec.name}")
     model, config = _trained(job, root)
-    test = _dataset(config.data).test.head(spec.count)
+    test = dataset_of(config.data).test.head(spec.count)
     return ANALYSES[spec.name].run(model, test.images, test.labels, config.eps.test_eps, spec.options)
 
 
@@ -148,7 +148,8 @@ def _cached_dataset(name: str, data_dir: str | None, download: bool):
     return load_dataset(name, data_dir, download)
 
 
-def _dataset(data_config):
+def dataset_of(data_config):
+    """The data set of a config's data section, loaded once per process."""
     return _cached_dataset(data_config.dataset, data_config.data_dir, data_config.download)
 
 

@@ -48,13 +48,31 @@ def _train_interrupted(args) -> str:
     return f"interrupted: the last checkpoint is kept in {out}; {again} to continue"
 
 
+def _join_torchrun(config):
+    """This rank's place in a data-parallel job when launched by torchrun, else None."""
+    from .training import resolve_device
+    from .training.distributed import launched_by_torchrun, start_data_parallel
+
+    return start_data_parallel(resolve_device(config.device)) if launched_by_torchrun() else None
+
+
 def cmd_train(args) -> int:
     from .presets import load_config
     from .training import Trainer
+    from .training.distributed import stop_data_parallel
 
     config = load_config(args.config, args.set)
     out = _train_out(args)
-    results = Trainer(config, out, progress=None if args.quiet else _progress).fit(resume=args.resume)
+    parallel = _join_torchrun(config)
+    main_process = parallel is None or parallel.is_main
+    progress = _progress if main_process and not args.quiet else None
+    try:
+        results = Trainer(config, out, progress=progress, parallel=parallel).fit(resume=args.resume)
+    finally:
+        if parallel is not None:
+            stop_data_parallel()
+    if not main_process:  # rank 0 reports
+        return 0
     test = results["test"]
     if args.json:
         print(json.dumps(results))
@@ -472,9 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .analysis.cli import add_analyze_parser
     from .bench.cli import add_bench_parser
+    from .bench.sweep_cli import add_sweep_parser
 
     add_analyze_parser(commands)
     add_bench_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 

@@ -374,7 +374,7 @@ def _write_provenance(out_dir: Path, provenance: Provenance, settings: CertifySe
     path = out_dir / PROVENANCE_FILE
     if resume and path.exists():
         known = Provenance.from_json(json.loads(path.read_text())["provenance"])
-        check_same(provenance, known, str(path),
+        check_same(provenance, known, f"{out_dir} (its {PROVENANCE_FILE})",
                    "rerun with --restart to certify anew, or choose another --out folder")
         return
     atomic_write_json(path, {"provenance": provenance.to_json(), "settings": settings_record(settings)})

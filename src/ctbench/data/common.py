@@ -183,22 +183,48 @@ def ensure_unpacked(dataset: str, base: Path, folder: Path, required: Sequence[s
     return folder
 
 
-def augment_batch(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class AugmentationDraw:
+    """The random choices of a batch's augmentation: crop offsets (2, batch) and flips (batch,)."""
+
+    offsets: Tensor | None
+    flips: Tensor | None
+
+    def __getitem__(self, part: slice) -> "AugmentationDraw":
+        """The choices of the samples ``part`` of the batch."""
+        return AugmentationDraw(None if self.offsets is None else self.offsets[:, part],
+                                None if self.flips is None else self.flips[part])
+
+
+def draw_augmentation(batch: int, augmentation: Augmentation, generator: torch.Generator) -> AugmentationDraw:
+    """Draw a batch's crop offsets, then its flips, from ``generator``."""
+    pad = augmentation.crop_padding
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator) if pad > 0 else None
+    flips = torch.rand(batch, generator=generator) < 0.5 if augmentation.horizontal_flip else None
+    return AugmentationDraw(offsets, flips)
+
+
+def apply_augmentation(images: Tensor, augmentation: Augmentation, draw: AugmentationDraw) -> Tensor:
     """Random crop (after padding) and horizontal flip of a whole float batch, on its device."""
     batch, _, height, width = images.shape
-    pad = augmentation.crop_padding
-    if pad > 0:
+    if draw.offsets is not None:
+        pad = augmentation.crop_padding
         mode = "constant" if augmentation.padding_mode == "zeros" else "replicate"
         padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
-        offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)
+        offsets = draw.offsets.to(images.device)
         rows = offsets[0, :, None] + torch.arange(height, device=images.device)
         cols = offsets[1, :, None] + torch.arange(width, device=images.device)
         sample = torch.arange(batch, device=images.device)[:, None, None]
         images = padded.permute(0, 2, 3, 1)[sample, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if augmentation.horizontal_flip:
-        flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+    if draw.flips is not None:
+        flip = draw.flips.to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     return images.contiguous()
+
+
+def augment_batch(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
+    """Random crop (after padding) and horizontal flip of a whole float batch, on its device."""
+    return apply_augmentation(images, augmentation, draw_augmentation(len(images), augmentation, generator))
 
 
 def to_float(images: Tensor, device: torch.device | str) -> Tensor:
@@ -207,22 +233,44 @@ def to_float(images: Tensor, device: torch.device | str) -> Tensor:
 
 def iterate_batches(split: Split, batch_size: int, device: torch.device | str, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, augmentation: Augmentation | None = None,
-                    drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+                    drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (float images in [0, 1], labels) batches on ``device``. Shuffling and augmentation
-    draw from ``generator`` only, so the order is a function of its seed (resumable runs)."""
+    draw from ``generator`` only, so the order is a function of its seed (resumable runs).
+
+    ``shard=(k, n)`` yields only the k-th of n contiguous parts of every batch (data-parallel
+    training: rank k of n); the augmentation is drawn for the whole batch, so each sample is
+    augmented as in one process. A last batch of fewer than n samples is left out, as it would
+    leave a part empty (``num_batches`` with ``parts=n`` counts the batches)."""
+    index_of_part, parts = shard
     count = len(split)
     if shuffle:
         order = torch.randperm(count, generator=generator)
     else:
         order = torch.arange(count)
     stop = count - count % batch_size if drop_last else count
+    augmenting = augmentation is not None and (augmentation.crop_padding or augmentation.horizontal_flip)
     for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
+        batch = order[start:start + batch_size]
+        if len(batch) < parts:
+            break
+        part = contiguous_part(len(batch), index_of_part, parts)
+        draw = draw_augmentation(len(batch), augmentation, generator) if augmenting else None
+        index = batch[part]
         images = to_float(split.images[index], device)
-        if augmentation is not None and (augmentation.crop_padding or augmentation.horizontal_flip):
-            images = augment_batch(images, augmentation, generator)
+        if augmenting:
+            images = apply_augmentation(images, augmentation, draw[part])
         yield images, split.labels[index].to(device, non_blocking=True)
 
 
-def num_batches(count: int, batch_size: int, drop_last: bool = False) -> int:
-    return count // batch_size if drop_last else -(-count // batch_size)
+def contiguous_part(size: int, index: int, parts: int) -> slice:
+    """The index-th of ``parts`` contiguous parts of ``size`` items (sizes differ by at most one,
+    the larger first, as ``torch.tensor_split``)."""
+    small, larger = divmod(size, parts)
+    start = index * small + min(index, larger)
+    return slice(start, start + small + (index < larger))
+
+
+def num_batches(count: int, batch_size: int, drop_last: bool = False, parts: int = 1) -> int:
+    """Batches ``iterate_batches`` yields; with ``parts`` (shards), a last batch smaller than ``parts`` is left out."""
+    full, rest = divmod(count, batch_size)
+    return full + (not drop_last and rest >= parts)

@@ -204,13 +204,19 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def clean_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, BatchNormStats]:
+Statistics = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def clean_forward(model: nn.Module, x: Tensor,
+                  statistics: Statistics = batch_statistics) -> tuple[Tensor, BatchNormStats]:
     """Forward pass in training mode: every BatchNorm normalizes with the statistics of this
-    batch. Returns the logits and those statistics, to be reused by every other pass of the step."""
+    batch. Returns the logits and those statistics, to be reused by every other pass of the step.
+    ``statistics`` maps a BatchNorm input to its per-channel mean and biased variance: this
+    batch's own by default; in data-parallel training, those of the global batch over all ranks."""
     stats: dict[int, tuple[Tensor, Tensor]] = {}
     for index, layer in enumerate(_layers(model)):
         if isinstance(layer, BATCHNORM_TYPES):
-            stats[index] = batch_statistics(x)
+            stats[index] = statistics(x)
             x = _lower_batchnorm(layer, stats[index], detach=False)(x)
         else:
             x = layer(x)

@@ -1,7 +1,7 @@
 """Regularizers: L1 on affine weights, and the warm-up regularizer of Shi et al. (2021)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,13 @@ def shi_input_box(model: nn.Sequential, box: Box, space: str) -> Box:
     return Box(first(box.lower), first(box.upper))
 
 
-def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], tolerance: float = 0.5) -> Tensor:
+def own_sums(sums: Tensor) -> Tensor:
+    """The sums of this process's batch alone (one-process training)."""
+    return sums
+
+
+def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], tolerance: float = 0.5,
+                       total: Callable[[Tensor], Tensor] = own_sums) -> Tensor:
     """Shi et al. 2021, averaged over ReLU layers, from the IBP boxes of the pre-activations:
 
     * tightness: relu(tol - r_in / r_layer) / tol, with r the mean box radius (r_in that of
@@ -37,8 +43,12 @@ def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], 
       active to (minus) inactive neurons, and again for the ratio of their spreads around the
       layer mean, which keeps IBP from killing one side of the ReLUs.
 
-    ``boxes[i]`` bounds the output of ``ops[i]``; the input of a ReLU at i is boxes[i - 1]."""
-    input_radius = input_box.radius.mean()
+    ``boxes[i]`` bounds the output of ``ops[i]``; the input of a ReLU at i is boxes[i - 1]. The
+    means are batch-level, so every one is a sum divided by a count, and ``total`` turns a vector
+    of this batch's sums into the sums the means are taken over: in data-parallel training, a
+    differentiable all_reduce over the ranks, so the penalty is that of the global batch."""
+    input_sum, input_count = total(torch.stack([input_box.radius.sum(), _count(input_box.radius)]))
+    input_radius = input_sum / input_count
     tightness = input_radius.new_zeros(())
     balance = input_radius.new_zeros(())
     layers = 0
@@ -47,16 +57,21 @@ def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], 
             continue
         pre = boxes[index - 1]
         center, radius = pre.center, pre.radius
-        tightness = tightness + torch.relu(tolerance - input_radius / radius.mean().clamp(min=1e-12)) / tolerance
         active, inactive = (pre.lower > 0).to(center.dtype), (pre.upper < 0).to(center.dtype)
-        spread = (center - center.mean()) ** 2
-        mean_ratio = (center * active).mean() / -(center * inactive).mean()
-        spread_ratio = (spread * active).sum() / (spread * inactive).sum()
+        radius_sum, center_sum, active_sum, inactive_sum, count = total(torch.stack(
+            [radius.sum(), center.sum(), (center * active).sum(), (center * inactive).sum(), _count(center)]))
+        tightness = tightness + torch.relu(tolerance - input_radius / (radius_sum / count).clamp(min=1e-12)) / tolerance
+        spread = (center - center_sum / count) ** 2
+        spread_active, spread_inactive = total(torch.stack([(spread * active).sum(), (spread * inactive).sum()]))
         term = input_radius.new_zeros(())
-        for ratio in (mean_ratio, spread_ratio):
+        for ratio in (active_sum / -inactive_sum, spread_active / spread_inactive):
             term = term + torch.relu(tolerance - torch.minimum(ratio, 1 / ratio.clamp(min=1e-12))) / tolerance
         # With no active (or no inactive) neuron the ratios are 0/0; such a layer adds no term.
         if torch.isfinite(term):
             balance = balance + term
         layers += 1
     return (tightness + balance) / max(layers, 1)
+
+
+def _count(values: Tensor) -> Tensor:
+    return values.new_tensor(float(values.numel()))

@@ -32,3 +32,48 @@ def random_network(seed: int, dtype=torch.float64, batch_norm_mode: str = "eval"
 
 def random_inputs(seed: int, batch: int = 3, dtype=torch.float64) -> torch.Tensor:
     return torch.rand((batch, 2, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+POOLS = {"avg": lambda: torch.nn.AvgPool2d(2), "avg-overlap": lambda: torch.nn.AvgPool2d(3, 2, 1),
+         "max": lambda: torch.nn.MaxPool2d(2), "max-overlap": lambda: torch.nn.MaxPool2d(3, 2, 1)}
+
+
+class SmallDag(nn.Module):
+    """A DAG with every traced op: Normalize, a conv stem (BatchNorm or Identity), a residual
+    add, a concatenation of two branches, a flatten and a view back, a pooling (``POOLS``), a
+    dropout (p = 0: the same in training mode), a view to flat features and a linear head.
+    Input (2, 8, 8), 4 classes."""
+
+    def __init__(self, pool: str, batch_norm: bool) -> None:
+        super().__init__()
+        self.normalize = Normalize((0.3, 0.5), (0.4, 0.7))
+        self.stem = nn.Conv2d(2, 3, 3, 1, 1)
+        self.norm = nn.BatchNorm2d(3) if batch_norm else nn.Identity()
+        self.inner = nn.Conv2d(3, 3, 3, 1, 1)
+        self.branch = nn.Conv2d(3, 2, 1)
+        self.pool = POOLS[pool]()
+        self.dropout = nn.Dropout(0.0)
+        self.hidden = nn.Linear(5 * 4 * 4, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.relu(self.norm(self.stem(self.normalize(x))))
+        h = torch.relu(self.inner(h) + h)
+        h = torch.cat([torch.relu(self.branch(h)), h], dim=1)
+        h = torch.flatten(h, 1).view(-1, 5, 8, 8)
+        h = self.dropout(self.pool(h))
+        h = h.view(h.size(0), -1)
+        return self.head(torch.relu(self.hidden(h)))
+
+
+def random_dag_network(seed: int, pool: str = "max", batch_norm: bool = True, dtype=torch.float64) -> SmallDag:
+    """A ``SmallDag`` with random weights (and BatchNorm statistics), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    model = SmallDag(pool, batch_norm).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.6)
+        if batch_norm:
+            model.norm.running_mean.copy_(torch.randn(3, generator=generator, dtype=dtype))
+            model.norm.running_var.copy_(torch.rand(3, generator=generator, dtype=dtype) + 0.3)
+    return model.eval()

@@ -238,7 +238,7 @@ def test_two_rank_run_is_written_by_rank_0_resumes_and_agrees_on_every_rank(tmp_
     straight, killed = tmp_path / "run" / "straight", tmp_path / "run" / "killed"
     for name in ("config.yaml", "checkpoint.pt", "metrics.jsonl", "best.pt", "final.pt", "results.json"):
         assert (straight / name).exists() and (killed / name).exists(), name
-    assert [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     a = torch.load(straight / "final.pt", weights_only=False)["model"]
     b = torch.load(killed / "final.pt", weights_only=False)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)

@@ -50,7 +50,7 @@ def test_unknown_architecture_names_the_key_and_the_known_models():
 
 def test_unknown_method_and_initialization_suggest_the_closest_name():
     assert "(method.name)" in error_of("method.name=ibpp") and "did you mean 'ibp'?" in error_of("method.name=ibpp")
-    assert "(model.init); known: auto, ibp, kaiming; did you mean 'kaiming'?" in error_of("model.init=kaimin")
+    assert "(model.init); known: auto, keep, ibp, kaiming; did you mean 'kaiming'?" in error_of("model.init=kaimin")
 
 
 def test_registry_lookups_raise_config_errors_naming_the_key():

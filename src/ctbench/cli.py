@@ -12,9 +12,26 @@ from .data import DataError
 
 
 def _progress(iterable, total, description):
+    """A progress bar on stderr when it is a terminal; none in a file (no carriage-return frames)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr,
+                disable=None)
+
+
+def _say(text: str) -> None:
+    """A log line on stderr (stdout keeps the results, e.g. for --json)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _train_progress(iterable, total, description):
+    """train: bars on a terminal; in a file only a line as the final test starts (the epoch
+    lines tell the rest)."""
+    if sys.stderr.isatty():
+        return _progress(iterable, total, description)
+    if description == "test":
+        _say(f"final test: {total} batch{'es' if total != 1 else ''}")
+    return iterable
 
 
 def _percent(value) -> str:
@@ -22,21 +39,18 @@ def _percent(value) -> str:
 
 
 def _summary(result: dict) -> str:
-    text = f"natural {_percent(result['natural_accuracy'])}  IBP-certified {_percent(result['certified_accuracy'])}  "
+    text = f"natural {_percent(result['natural_accuracy'])}  IBP-certified {_percent(result['certified_accuracy'])}"
     if result.get("crown_ibp_certified_accuracy") is not None:
-        text += f"IBP/CROWN-IBP-certified {_percent(result['crown_ibp_certified_accuracy'])}  "
-    return text + f"PGD {_percent(result['adversarial_accuracy'])}"
-
-
-def _default_out(source: str) -> Path:
-    path = Path(source)
-    if path.is_dir():
-        return path
-    return Path("runs") / (path.stem if path.suffix in (".yaml", ".yml") else source)
+        text += f"  IBP/CROWN-IBP-certified {_percent(result['crown_ibp_certified_accuracy'])}"
+    if result.get("adversarial_accuracy") is not None:
+        text += f"  adversarial {_percent(result['adversarial_accuracy'])} ({result.get('attack') or 'PGD'})"
+    return text
 
 
 def _train_out(args) -> Path:
-    return Path(args.out) if args.out else _default_out(args.config)
+    from .presets import default_run_folder
+
+    return Path(args.out) if args.out else default_run_folder(args.config)
 
 
 def _train_interrupted(args) -> str:
@@ -60,14 +74,19 @@ def cmd_train(args) -> int:
     from .presets import load_config
     from .training import Trainer
     from .training.distributed import stop_data_parallel
+    from .training.runlog import describe_epoch
 
     config = load_config(args.config, args.set)
     out = _train_out(args)
     parallel = _join_torchrun(config)
     main_process = parallel is None or parallel.is_main
-    progress = _progress if main_process and not args.quiet else None
+    watching = main_process and not args.quiet
+    progress = _train_progress if watching else None
+    on_epoch = (lambda record: _say(describe_epoch(record, config.optim.epochs))) if watching else None  # noqa: E731
     try:
-        results = Trainer(config, out, progress=progress, parallel=parallel).fit(resume=args.resume)
+        trainer = Trainer(config, out, progress=progress, parallel=parallel, init_from=args.init_from,
+                          on_epoch=on_epoch, allow_change=args.allow_change)
+        results = trainer.fit(resume=args.resume)
     finally:
         if parallel is not None:
             stop_data_parallel()
@@ -82,17 +101,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .training.runlog import plot_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
+    try:
+        print(f"training curves: {plot_run(Path(args.run_dir), out)}")
+    except FileNotFoundError as error:
+        print(f"ctbench: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("ctbench: error: ctbench plot needs matplotlib; install it with pip install 'ctbench[analysis]'",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def load_trained(source: str):
     """(model, config) from a run folder (its final.pt) or a checkpoint file."""
     from .data import DATASETS
-    from .training import build_model_for, load_checkpoint, load_model_state
+    from .training import build_model_for, checkpoint_file, load_checkpoint, load_model_state
 
-    path = Path(source)
-    if path.is_dir():
-        path = path / "final.pt" if (path / "final.pt").exists() else path / "checkpoint.pt"
+    path = checkpoint_file(source)
     state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise ConfigError(f"{path} is not a ctbench checkpoint (no config or model entry)")
+    if state.get("custom_model"):
+        raise ConfigError(f"{path} holds the weights of a network given to ctbench.train, which its config cannot "
+                          "rebuild; load them into that network (model.load_state_dict(torch.load(path)['model'])) "
+                          "and use ctbench.evaluate / ctbench.certify")
     config = saved_config_from_dict(state["config"])
     model = build_model_for(config, DATASETS.get(config.data.dataset).spec)
     load_model_state(model, state["model"], str(path))
@@ -123,14 +160,14 @@ def _eps(args, config) -> float:
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .attacks import PGDSettings
+    from .api import evaluation_attack
     from .evaluation import evaluate
 
     model, config, device, dataset, eps = _load_for_testing(args)
+    attack = evaluation_attack(args.attack if args.steps != 0 else None, args.steps, args.restarts)
     test = dataset.test.subset(torch.arange(args.start, min(args.start + (args.count or len(dataset.test)), len(dataset.test))))
-    attack = PGDSettings(steps=args.steps, restarts=args.restarts) if args.steps > 0 else None
     result = evaluate(model.to(device), test, eps, device, config.evaluation.batch_size, attack=attack,
-                      crown_ibp=args.crown_ibp)
+                      crown_ibp=args.crown_ibp, progress=_progress)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -296,6 +333,8 @@ def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
         return
     counts = summary["counts"]
     stages = ", ".join(f"{stage} {count}" for stage, count in summary["certified_by_stage"].items()) or "none"
+    falsified = summary.get("falsified_by_stage", {})
+    falsifiers = ", ".join(f"{stage} {count}" for stage, count in falsified.items()) or "none"
     if not summary["complete"]:
         print(f"INCOMPLETE: {summary['missing']} of {summary['samples']} requested samples have no verdict yet, so no "
               f"accuracy is final. Decided so far: certified {counts['certified']} ({stages}), falsified "
@@ -305,7 +344,7 @@ def _print_certify_summary(summary: dict, path, as_json: bool) -> None:
         return
     print(f"{summary['samples']} samples at eps {summary['eps']}: natural {_percent(summary['natural_accuracy'])}  "
           f"certified {_percent(summary['certified_accuracy'])} ({stages})  "
-          f"adversarial {_percent(summary['adversarial_accuracy'])}  "
+          f"adversarial {_percent(summary['adversarial_accuracy'])} (counterexamples from: {falsifiers})  "
           f"falsified {counts['falsified']}  unknown {counts['unknown']}  wrong {counts['wrong']}  "
           f"time {summary['seconds_total']:.1f} s")
     if path is not None:
@@ -432,15 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     train.add_argument("--out", help="run folder (default: runs/<preset>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--allow-change", action="store_true",
+                       help="with --resume: accept a config that changes only safe keys (more optim.epochs, "
+                            "evaluation.* but selection, device, threads, data.data_dir, data.download)")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start a new run from these weights: a run folder, a .pt checkpoint or a saved state_dict")
     train.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--quiet", action="store_true", help="no progress bars and no epoch lines")
     train.set_defaults(run=cmd_train, on_interrupt=_train_interrupted)
 
-    evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and PGD accuracy on the test set")
+    plot = commands.add_parser("plot", help="draw a run's training curves (eps, lr, losses, validation accuracy)")
+    plot.add_argument("run_dir", metavar="RUN", help="run folder")
+    plot.add_argument("--out", help="PNG file (default: RUN/curves.png)")
+    plot.set_defaults(run=cmd_plot)
+
+    evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and adversarial accuracy on the test set")
     evaluate.add_argument("source", help="run folder or checkpoint file")
     _add_sample_options(evaluate, count_help="number of test samples (default: all)")
-    evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (0: no attack)")
-    evaluate.add_argument("--restarts", type=int, default=3, help="PGD restarts")
+    evaluate.add_argument("--attack", choices=("pgd", "apgd"), default="pgd",
+                          help="pgd: PGD, restarts alternating cross-entropy and margin loss; apgd: APGD-CE, then "
+                               "APGD-T (9 target classes) on the samples it did not fool")
+    evaluate.add_argument("--steps", type=_integer_at_least(0),
+                          help="attack steps (default: PGD 20, APGD 100 per run; 0: no attack)")
+    evaluate.add_argument("--restarts", type=_integer_at_least(1), help="random starts (default: PGD 3, APGD 1)")
     evaluate.add_argument("--crown-ibp", action="store_true", help="also certify with CROWN-IBP (tighter of the two)")
     _add_runtime_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")

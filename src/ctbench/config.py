@@ -46,7 +46,9 @@ class DataConfig:
 class ModelConfig:
     architecture: str = "cnn7"
     batch_norm: bool = True
-    init: str = "auto"  # "auto": IBP init for certified methods, Kaiming uniform otherwise
+    # "auto": IBP init for certified methods, Kaiming uniform otherwise; "keep": the weights the model
+    # has (a model passed to ctbench.train; a built one keeps torch's default init)
+    init: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -444,8 +446,8 @@ def _validate_names(config: TrainConfig) -> None:
     DATASETS.get(config.data.dataset)
     MODELS.get(config.model.architecture)
     init = config.model.init
-    if init != "auto" and init not in INITS:
-        names = ["auto", *INITS.names()]
+    if init not in ("auto", "keep") and init not in INITS:
+        names = ["auto", "keep", *INITS.names()]
         raise ConfigError(f"unknown initialization {init!r} (model.init); known: {', '.join(names)}"
                           + did_you_mean(init, names))
 
@@ -478,16 +480,61 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply command-line overrides 'key.sub=value' (values parsed as YAML) to config data."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        _set_dotted(data, path, value, f"override {text!r}")
     return data
+
+
+def apply_override_values(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply overrides given as {"optim.epochs": 1, ...} (Python values) to config data."""
+    for key, value in overrides.items():
+        path = [part for part in str(key).split(".") if part]
+        if not path:
+            raise ConfigError(f"override key {key!r} is empty; use dotted names such as 'optim.epochs'")
+        _set_dotted(data, path, value, f"override {key!r}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], path: list[str], value: Any, where: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+# Keys a resumed run may change (``--resume --allow-change``): they do not alter the epochs
+# already trained. optim.epochs may only grow (extending a run; the lr milestones and the eps ramp
+# are epoch numbers, so earlier epochs keep their schedule); the others are evaluation and runtime settings.
+SAFE_CHANGES = ("optim.epochs", "device", "threads", "data.data_dir", "data.download", "evaluation.batch_size",
+                "evaluation.attack_steps", "evaluation.attack_restarts", "evaluation.population_batches",
+                "evaluation.final_test_count")
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as {dotted key: value}."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(config_to_dict(config), "")
+    return flat
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every key whose value differs."""
+    before, after = flat_config(old), flat_config(new)
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
 
 
 def merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

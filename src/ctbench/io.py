@@ -29,6 +29,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda stream: stream.write(text.encode()))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda stream: stream.write(data))
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

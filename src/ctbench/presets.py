@@ -58,6 +58,15 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Train
     return read(apply_overrides(source_data(source), overrides or []))
 
 
+def default_run_folder(source: str | Path) -> Path:
+    """Where ``ctbench train SOURCE`` writes without --out: a run folder itself (to resume it),
+    else runs/<preset> or runs/<YAML file stem>."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return Path("runs") / (path.stem if path.suffix in (".yaml", ".yml") else str(source))
+
+
 def describe(name: str) -> dict[str, Any]:
     config = load_config(name)
     return {"name": name, "dataset": config.data.dataset, "model": config.model.architecture,

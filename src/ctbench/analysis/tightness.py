@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.ops import ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Op, ReluOp
-from .utilization import (ModelOrOps, active_masks, as_ops, layer_names, ops_dtype_device, relu_indices,
-                          to_float_images)
+from ..models.ops import ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Op, ReluOp, require_chain
+from .utilization import (ANALYSIS_OPS, ModelOrOps, active_masks, as_ops, layer_names, ops_dtype_device,
+                          relu_indices, to_float_images)
 
 # A ReLU rule of a backward pass: (ReLU op index, rows A (B, R, *shape), bias (B, R) or None)
 # -> (new A, new bias).
@@ -188,7 +188,7 @@ def propagation_tightness(model_or_ops: ModelOrOps, images: Tensor | np.ndarray,
         generator: torch generator for the draw of neurons (seeded for reproducibility).
         batch_size: samples per backward pass (memory grows with batch x rows x layer size).
     """
-    ops = as_ops(model_or_ops)
+    ops = require_chain(as_ops(model_or_ops), ANALYSIS_OPS, "the tightness analysis")
     dtype, device = ops_dtype_device(ops)
     labels = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels).long().to(device)
     count = len(images)

@@ -17,22 +17,28 @@ import torch
 from torch import Tensor, nn
 
 from ..bounds.crown import relu_indices
-from ..models.ops import LinearOp, ConvOp, ChannelAffineOp, Op, ReluOp, lower_network
+from ..models.ops import (
+    ChannelAffineOp, ConvOp, FlattenOp, Graph, LinearOp, Network, Op, ReluOp, lower_network, network_ops,
+    require_chain,
+)
 
-ModelOrOps = nn.Module | Sequence[Op]
+ModelOrOps = nn.Module | Sequence[Op] | Graph
+
+# The neuron-level analyses walk a chain of these ops (the paper's CNNs).
+ANALYSIS_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp)
 
 
-def as_ops(model_or_ops: ModelOrOps) -> tuple[Op, ...]:
+def as_ops(model_or_ops: ModelOrOps) -> Network:
     """Ops of a model (lowered with its population BatchNorm statistics, parameters detached)
-    or the given ops unchanged."""
+    or the given ops unchanged (a chain as a tuple)."""
     if isinstance(model_or_ops, nn.Module):
         return lower_network(model_or_ops, detach=True)
-    return tuple(model_or_ops)
+    return model_or_ops if isinstance(model_or_ops, Graph) else tuple(model_or_ops)
 
 
-def ops_dtype_device(ops: Sequence[Op]) -> tuple[torch.dtype, torch.device]:
+def ops_dtype_device(ops: Network) -> tuple[torch.dtype, torch.device]:
     """The dtype and device of the first parameter found in ``ops`` (float32/CPU if none)."""
-    for op in ops:
+    for op in network_ops(ops):
         if isinstance(op, (LinearOp, ConvOp)):
             return op.weight.dtype, op.weight.device
         if isinstance(op, ChannelAffineOp):
@@ -53,7 +59,7 @@ def to_float_images(images: Tensor | np.ndarray, dtype: torch.dtype = torch.floa
 def relu_analysis_inputs(model_or_ops: ModelOrOps, images) -> tuple[tuple[Op, ...], torch.dtype, torch.device, list[int]]:
     """(ops, dtype, device, ReLU op indices) for an analysis of ReLU activations, checking that
     there is a ReLU to analyse and an image to analyse it on."""
-    ops = as_ops(model_or_ops)
+    ops = require_chain(as_ops(model_or_ops), ANALYSIS_OPS, "the neuron-level analyses")
     relus = relu_indices(ops)
     if not relus:
         raise ValueError("the network has no ReLU layer")

@@ -1,3 +1,3 @@
-from .pgd import PGDSettings, cross_entropy_loss, margin_loss, pgd_attack
+from .pgd import PGDSettings, cross_entropy_loss, describe_pgd, evaluation_pgd, margin_loss, pgd_attack
 
-__all__ = ["PGDSettings", "cross_entropy_loss", "margin_loss", "pgd_attack"]
+__all__ = ["PGDSettings", "cross_entropy_loss", "describe_pgd", "evaluation_pgd", "margin_loss", "pgd_attack"]

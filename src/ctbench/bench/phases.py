@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import platform
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import __version__
+from ..environment import environment
 from ..io import atomic_write_json, atomic_write_text
 from .analyses import ANALYSES
 from .jobs import (
@@ -152,28 +150,3 @@ def dataset_of(data_config):
     """The data set of a config's data section, loaded once per process."""
     return _cached_dataset(data_config.dataset, data_config.data_dir, data_config.download)
 
-
-# ----------------------------------------------------------------------------------------------
-# environment
-
-
-def environment() -> dict[str, Any]:
-    """What a phase ran with: versions, threads, host and the source's git commit."""
-    return {"ctbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "host": platform.node(), "git_commit": git_commit(),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the git checkout ctbench runs from ("+dirty" with local changes), or None."""
-    here = Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

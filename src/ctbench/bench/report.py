@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import torch
 
 from .. import __version__
+from ..environment import git_commit
 from ..io import atomic_write_text
 from .formats import as_html
 from .jobs import Job
-from .phases import git_commit
 from .report_figures import (
     analysis_figures, file_data_uri, pareto_figure, png_data_uri, stage_counts_figure, training_curves,
 )

@@ -248,9 +248,19 @@ def accuracy_table(connection: sqlite3.Connection, suite: Suite) -> Table:
     _fill_reference(rows, records)
     used = [s for s in FIGURE_SOURCES if any(r.source == s for r in records)]
     table = Table(f"Table 1, suite {suite.name}: accuracy [%]", "%", columns, rows,
-                  notes=failures + _notes(records, used))
+                  notes=failures + [_attack_note(suite.jobs)] + _notes(records, used))
     _mark_best(table)
     return table
+
+
+def _attack_note(jobs: tuple[Job, ...]) -> str:
+    """Which attack gives our adversarial accuracy."""
+    attacks = sorted({f"PGD {job.certify.attack_steps}x{job.certify.attack_restarts} (margin loss)"
+                      for job in jobs if "attack" in job.certify.stages})
+    if not attacks:
+        return "Ours, Adv.: no attack stage in the suite's cascade; only its complete verifier falsifies."
+    return ("Ours, Adv.: samples without a counterexample from the certification cascade, whose attack stage is "
+            + ", ".join(attacks) + "; certified samples are not attacked.")
 
 
 def time_table(connection: sqlite3.Connection, suite: Suite) -> Table:

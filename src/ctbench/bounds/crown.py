@@ -17,7 +17,16 @@ towards the input (``BACKWARD_RULES``):
 * Conv2d  h' = conv(h, W) + b:        A <- conv_transpose2d(A, W) (the adjoint of the conv, with
   the output padding that restores the input's height and width),  bias <- bias + sum A b_c.
 * ChannelAffine  h' = s_c h + t_c:    A <- s_c A,  bias <- bias + sum A t_c.
-* Flatten:                            A <- A reshaped to the input shape.
+* Flatten, Reshape:                   A <- A reshaped to the input shape.
+* AvgPool (linear, weights 1/(kh kw)): A <- its adjoint (a transposed depthwise convolution).
+* Add  h' = a + b:                    A goes to both inputs unchanged.
+* Concat (channels):                  A is split along its channel dim, one part per input.
+* MaxPool  y = max_{i in window} h_i, with bounds l <= h <= u (DeepPoly, Singh et al. 2019):
+  let i* be the input of the window with the largest lower bound. Then
+      h_{i*} <= y                                  (y is the max of the window),
+      y <= h_{i*}        if l_{i*} >= u_j for every other j of the window (i* dominates: y = h_{i*}),
+      y <= max_j u_j     otherwise (a constant upper line).
+  A lower bound of A y takes the lower line where A >= 0 and the upper one where A < 0.
 * ReLU   h' = relu(h), with pre-activation bounds l <= h <= u: each neuron is sandwiched
   between two lines  a_lo h <= relu(h) <= a_up h + b_up:
     - active (l >= 0): both lines are h; inactive (u <= 0): both are 0 (exact);
@@ -33,8 +42,13 @@ At the input the bound is concretized in center/radius form (c, r) of the L_inf 
 
 Upper bounds are lower bounds of -C: ``crown_upper_bounds``.
 
-Pre-activation bounds (l, u) of every ReLU input are ``intermediate`` bounds, a dict from the
-ReLU's op index to the Box of its input, passed in and returned as plain values:
+On a DAG (``models.ops.Graph``) the bound moves node by node in reverse topological order: each
+node collects the sum of the A's its readers pass back (``SPLIT_RULES`` give an op of several
+inputs one A per input), and the biases add up. A chain is the graph whose node k reads k - 1.
+
+Pre-activation bounds (l, u) of every ReLU and max-pool input (the *nonlinear* nodes) are
+``intermediate`` bounds, a dict from the node's index to the Box of its input, passed in and
+returned as plain values:
 
 * mode "ibp" / "crown-ibp": IBP boxes (CROWN-IBP: IBP for the intermediate layers, CROWN for the
   specification);
@@ -72,9 +86,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.ops import ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Op, ReluOp
+from ..models.ops import (
+    INPUT, NARY_OPS, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, Graph, LinearOp, MaxPoolOp,
+    Network, Op, ReluOp, ReshapeOp, as_graph, network_ops, node_inputs,
+)
 from .box import Box
-from .ibp import ibp_step
+from .ibp import ibp_node
 from .spec import margin_spec
 
 IntermediateBounds = dict[int, Box]
@@ -110,12 +127,26 @@ class ReluRelaxation:
 
 
 @dataclass(frozen=True, eq=False)
+class MaxPoolRelaxation:
+    """The lines of every max-pool output neuron (module docstring): ``choice`` (B, 1, C, kh kw,
+    L) one-hot of i* within each of the L windows; ``dominated`` (B, 1, C, H_out, W_out) 1 where
+    i* dominates (upper line h_{i*}), else 0; ``upper`` (same shape) the constant upper line
+    max_j u_j where i* does not dominate, 0 where it does."""
+
+    choice: Tensor
+    dominated: Tensor
+    upper: Tensor
+
+
+@dataclass(frozen=True, eq=False)
 class BackwardContext:
-    """What a backward rule needs besides the op: the per-sample shape of the op's input and,
-    for a ReLU, its relaxation."""
+    """What a backward rule needs besides the op: the per-sample shape of the op's input (of
+    each input, ``input_shapes``, for an op of several) and, for a ReLU or a max pool, its
+    relaxation."""
 
     input_shape: tuple[int, ...]
-    relaxation: ReluRelaxation | None = None
+    relaxation: ReluRelaxation | MaxPoolRelaxation | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,21 +168,48 @@ def _shape_conv(op: ConvOp, shape: tuple[int, ...]) -> tuple[int, ...]:
             _conv_output_size(width, kw, op.stride[1], op.padding[1]))
 
 
+def _shape_pool(op: AvgPoolOp | MaxPoolOp, shape: tuple[int, ...]) -> tuple[int, ...]:
+    channels, height, width = shape
+    return (channels, *(_conv_output_size(size, kernel, stride, padding) for size, kernel, stride, padding
+                        in zip((height, width), op.kernel, op.stride, op.padding)))
+
+
+def _shape_reshape(op: ReshapeOp, shape: tuple[int, ...]) -> tuple[int, ...]:
+    known = math.prod(size for size in op.shape if size != -1)
+    return tuple(math.prod(shape) // known if size == -1 else size for size in op.shape)
+
+
 SHAPE_RULES: dict[type, Callable[[Op, tuple[int, ...]], tuple[int, ...]]] = {
     LinearOp: _shape_linear,
     ConvOp: _shape_conv,
     ChannelAffineOp: lambda op, shape: shape,
     ReluOp: lambda op, shape: shape,
     FlattenOp: lambda op, shape: (math.prod(shape),),
+    ReshapeOp: _shape_reshape,
+    AvgPoolOp: _shape_pool,
+    MaxPoolOp: _shape_pool,
+    AddOp: lambda op, shapes: shapes[0],  # n-ary rules take the tuple of their input shapes
+    ConcatOp: lambda op, shapes: (sum(shape[0] for shape in shapes), *shapes[0][1:]),
 }
 
 
-def layer_shapes(ops: Sequence[Op], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-sample shapes: result[k] is the shape of the input of ops[k]; result[-1] the output."""
-    shapes = [tuple(input_shape)]
-    for op in ops:
-        shapes.append(tuple(SHAPE_RULES[type(op)](op, shapes[-1])))
+def output_shapes(network: Network, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shape of every node's output."""
+    shapes: list[tuple[int, ...]] = []
+    for node in as_graph(network).nodes:
+        inputs = node_inputs(shapes, tuple(input_shape), node)
+        shapes.append(tuple(SHAPE_RULES[type(node.op)](node.op, tuple(inputs) if isinstance(node.op, NARY_OPS)
+                                                         else inputs[0])))
     return shapes
+
+
+def layer_shapes(network: Network, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes: result[k] is the shape of the (first) input of node k; result[-1] the
+    output."""
+    graph = as_graph(network)
+    outputs = output_shapes(graph, input_shape)
+    firsts = [tuple(input_shape) if node.inputs[0] == INPUT else outputs[node.inputs[0]] for node in graph.nodes]
+    return firsts + [outputs[-1] if outputs else tuple(input_shape)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +240,39 @@ def relu_relaxation(pre: Box, alpha: Tensor | None = None) -> ReluRelaxation:
     alpha = alpha.clamp(0.0, 1.0)
     lower_slope = torch.where(unstable, alpha, torch.where(active, one, zero))
     return ReluRelaxation(lower_slope, upper_slope, upper_intercept)
+
+
+def pool_windows(op: MaxPoolOp, x: Tensor) -> Tensor:
+    """The pooling windows of x (B, C, H, W), padded with -inf: (B, C, kh kw, L)."""
+    pad_height, pad_width = op.padding
+    padded = F.pad(x, (pad_width, pad_width, pad_height, pad_height), value=-math.inf)
+    return F.unfold(padded, op.kernel, stride=op.stride).view(x.shape[0], x.shape[1], math.prod(op.kernel), -1)
+
+
+def maxpool_relaxation(op: MaxPoolOp, pre: Box) -> MaxPoolRelaxation:
+    """The DeepPoly lines of max pooling over the input box ``pre`` (B, C, H, W), see the
+    module docstring: i* is the window's input with the largest lower bound (the first on ties)."""
+    lower, upper = pool_windows(op, pre.lower), pool_windows(op, pre.upper)
+    best_lower, chosen = lower.max(dim=2, keepdim=True)
+    choice = torch.zeros_like(lower).scatter(2, chosen, 1.0)
+    others_upper = upper.masked_fill(choice.bool(), -math.inf).amax(dim=2)
+    dominated = best_lower.squeeze(2) >= others_upper
+    out_shape = (pre.lower.shape[0], 1, *_shape_pool(op, tuple(pre.lower.shape[1:])))
+    window_upper = torch.where(dominated, torch.zeros_like(others_upper), upper.amax(dim=2))
+    return MaxPoolRelaxation(choice.unsqueeze(1), dominated.to(lower.dtype).view(out_shape),
+                             window_upper.view(out_shape))
+
+
+RELAXATIONS: dict[type, Callable[[Op, Box, Tensor | None], ReluRelaxation | MaxPoolRelaxation]] = {
+    ReluOp: lambda op, pre, alpha: relu_relaxation(pre, alpha),
+    MaxPoolOp: lambda op, pre, alpha: maxpool_relaxation(op, pre),
+}
+NONLINEAR_OPS = tuple(RELAXATIONS)  # the ops whose backward rule needs bounds of their input
+
+
+def relax(op: Op, pre: Box, alpha: Tensor | None = None) -> ReluRelaxation | MaxPoolRelaxation:
+    """The relaxation of a nonlinear op over its input box (``alpha``: ReLU lower slopes)."""
+    return RELAXATIONS[type(op)](op, pre, alpha)
 
 
 def apply_split(pre: Box, split: Tensor | None) -> Box:
@@ -217,18 +308,20 @@ def _backward_linear(op: LinearOp, bound: LinearBound, ctx: BackwardContext) -> 
     return LinearBound(bound.A.matmul(op.weight), bias)
 
 
+def _output_padding(input_shape: tuple[int, ...], A: Tensor, stride, padding, kernel) -> tuple[int, int]:
+    """conv_transpose2d yields (H_out - 1) s - 2 p + k rows; the forward conv (or pooling)
+    dropped the last (H_in + 2 p - k) mod s input rows, which output_padding gives back (as
+    zeros of A)."""
+    return tuple(size_in - ((size_out - 1) * step - 2 * pad + size)
+                 for size_in, size_out, step, pad, size in zip(input_shape[1:], A.shape[3:], stride, padding, kernel))
+
+
 def _backward_conv(op: ConvOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
     A = bound.A
     batch, rows = A.shape[:2]
     out_channels, out_height, out_width = A.shape[2:]
     in_channels, in_height, in_width = ctx.input_shape
-    kh, kw = op.weight.shape[2:]
-    # conv_transpose2d yields (H_out - 1) s - 2 p + k rows; the forward conv dropped the last
-    # (H_in + 2 p - k) mod s input rows, which output_padding gives back (as zeros of A).
-    output_padding = tuple(
-        size_in - ((size_out - 1) * stride - 2 * pad + kernel)
-        for size_in, size_out, stride, pad, kernel in zip(
-            (in_height, in_width), (out_height, out_width), op.stride, op.padding, (kh, kw)))
+    output_padding = _output_padding(ctx.input_shape, A, op.stride, op.padding, op.weight.shape[2:])
     flat = A.reshape(batch * rows, out_channels, out_height, out_width)
     A_in = F.conv_transpose2d(flat, op.weight, None, op.stride, op.padding, output_padding)
     bias = bound.bias
@@ -243,9 +336,46 @@ def _backward_channel_affine(op: ChannelAffineOp, bound: LinearBound, ctx: Backw
     return LinearBound(A * _channel_view(op.scale, A.dim()), bound.bias + per_channel.matmul(op.shift))
 
 
-def _backward_flatten(op: FlattenOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
+def _backward_reshape(op: FlattenOp | ReshapeOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
     A = bound.A
     return LinearBound(A.reshape(A.shape[0], A.shape[1], *ctx.input_shape), bound.bias)
+
+
+def _backward_avg_pool(op: AvgPoolOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
+    """A <- the adjoint of the pooling: a transposed depthwise convolution of weights 1/(kh kw)."""
+    A = bound.A
+    batch, rows, channels = A.shape[:3]
+    weight = A.new_full((channels, 1, *op.kernel), 1.0 / math.prod(op.kernel))
+    output_padding = _output_padding(ctx.input_shape, A, op.stride, op.padding, op.kernel)
+    A_in = F.conv_transpose2d(A.reshape(batch * rows, *A.shape[2:]), weight, None, op.stride, op.padding,
+                              output_padding, groups=channels)
+    return LinearBound(A_in.reshape(batch, rows, *ctx.input_shape), bound.bias)
+
+
+def fold_windows(op: MaxPoolOp, windows: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    """The adjoint of ``pool_windows``: per-window entries (B, S, C, kh kw, L) summed back onto the
+    input positions, (B, S, *input_shape); the padding is cut off."""
+    batch, rows, channels = windows.shape[:3]
+    _, height, width = input_shape
+    pad_height, pad_width = op.padding
+    folded = F.fold(windows.reshape(batch * rows, channels * windows.shape[3], windows.shape[4]),
+                    (height + 2 * pad_height, width + 2 * pad_width), op.kernel, stride=op.stride)
+    return folded[:, :, pad_height:pad_height + height, pad_width:pad_width + width].reshape(
+        batch, rows, channels, height, width)
+
+
+def _backward_max_pool(op: MaxPoolOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
+    """A+ takes the lower line h_{i*}, A- the upper line: h_{i*} where i* dominates, else the
+    constant max_j u_j (module docstring)."""
+    relax = ctx.relaxation
+    if relax is None:
+        raise ValueError("a max pool needs bounds of its input (intermediate) for backward propagation")
+    A = bound.A
+    negative = A.clamp(max=0)
+    coefficient = A.clamp(min=0) + negative * relax.dominated
+    bias = bound.bias + (negative * relax.upper).flatten(2).sum(-1)
+    windows = coefficient.flatten(3).unsqueeze(3) * relax.choice
+    return LinearBound(fold_windows(op, windows, ctx.input_shape), bias)
 
 
 def _backward_relu(op: ReluOp, bound: LinearBound, ctx: BackwardContext) -> LinearBound:
@@ -263,8 +393,27 @@ BACKWARD_RULES: dict[type, Callable[[Op, LinearBound, BackwardContext], LinearBo
     LinearOp: _backward_linear,
     ConvOp: _backward_conv,
     ChannelAffineOp: _backward_channel_affine,
-    FlattenOp: _backward_flatten,
+    FlattenOp: _backward_reshape,
+    ReshapeOp: _backward_reshape,
+    AvgPoolOp: _backward_avg_pool,
+    MaxPoolOp: _backward_max_pool,
     ReluOp: _backward_relu,
+}
+
+
+def _split_add(op: AddOp, A: Tensor, ctx: BackwardContext) -> tuple[Tensor, ...]:
+    return (A, A)
+
+
+def _split_concat(op: ConcatOp, A: Tensor, ctx: BackwardContext) -> tuple[Tensor, ...]:
+    return tuple(A.split([shape[0] for shape in ctx.input_shapes], dim=2))
+
+
+# The backward rules of the ops of several inputs: the A of each input. Add and concatenation
+# are exact and add no bias (and no rounding: the rigorous engine uses them as they are).
+SPLIT_RULES: dict[type, Callable[[Op, Tensor, BackwardContext], tuple[Tensor, ...]]] = {
+    AddOp: _split_add,
+    ConcatOp: _split_concat,
 }
 
 
@@ -289,25 +438,70 @@ FOLD_RULES: dict[type, Callable[[Op, ChannelAffineOp], Op]] = {
 ReluHook = Callable[[int, Tensor, LinearBound], LinearBound]
 
 
-def backward(ops: Sequence[Op], bound: LinearBound, input_shape: tuple[int, ...],
-             relaxations: Mapping[int, ReluRelaxation], after_relu: ReluHook | None = None) -> LinearBound:
-    """Move a linear bound on the output of ``ops`` to their input (``input_shape`` per sample);
-    ``relaxations[k]`` relaxes the ReLU ops[k]. Affine maps after a Linear/Conv are folded
-    into it (``FOLD_RULES``). ``after_relu(k, A at the ReLU's output, bound at its input)``
-    may adjust the bound right after each ReLU (branch and bound prices split constraints there)."""
-    shapes = layer_shapes(ops, input_shape)
-    index = len(ops) - 1
-    while index >= 0:
-        op = ops[index]
-        if isinstance(op, ChannelAffineOp) and index > 0 and type(ops[index - 1]) in FOLD_RULES:
-            index -= 1
-            op = FOLD_RULES[type(ops[index])](ops[index], op)
-        output_A = bound.A
-        bound = BACKWARD_RULES[type(op)](op, bound, BackwardContext(shapes[index], relaxations.get(index)))
+def walk_backward(graph: Graph, A: Tensor, move: Callable[[int, Tensor], Sequence[tuple[int, Tensor]]],
+                  add: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> Tensor | None:
+    """Reverse topological walk of a DAG: node k's A is the sum of what its readers passed back
+    (the output node starts with ``A``); ``move(k, A)`` returns (input index, A) pairs;
+    ``add(k, A so far, part)`` sums two parts for node k (default: +). Returns the A at the
+    network input (None when the output does not depend on it)."""
+    pending: dict[int, Tensor] = {len(graph) - 1: A}
+    for index in range(len(graph) - 1, -1, -1):
+        node_A = pending.pop(index, None)
+        if node_A is None:
+            continue
+        for source, part in move(index, node_A):
+            if source not in pending:
+                pending[source] = part
+            else:
+                pending[source] = pending[source] + part if add is None else add(source, pending[source], part)
+    return pending.get(INPUT)
+
+
+def _fold_partner(graph: Graph, readers: list[int], index: int) -> int | None:
+    """The Linear/Conv node that the affine node ``index`` can be folded into, if any: its
+    input, read by nothing else."""
+    node = graph.nodes[index]
+    source = node.inputs[0]
+    if (isinstance(node.op, ChannelAffineOp) and source != INPUT and readers[source] == 1
+            and type(graph.nodes[source].op) in FOLD_RULES):
+        return source
+    return None
+
+
+def backward(network: Network, bound: LinearBound, input_shape: tuple[int, ...],
+             relaxations: Mapping[int, ReluRelaxation | MaxPoolRelaxation],
+             after_relu: ReluHook | None = None) -> LinearBound:
+    """Move a linear bound on the output of ``network`` to its input (``input_shape`` per
+    sample); ``relaxations[k]`` relaxes the ReLU or max pool of node k. Affine maps after a
+    Linear/Conv read by nothing else are folded into it (``FOLD_RULES``). ``after_relu(k, A at
+    the ReLU's output, bound at its input)`` may adjust the bound right after each ReLU (branch
+    and bound prices split constraints there)."""
+    graph = as_graph(network)
+    outputs = output_shapes(graph, input_shape)
+    readers = graph.consumers()
+    bias = bound.bias
+
+    def move(index: int, A: Tensor) -> list[tuple[int, Tensor]]:
+        nonlocal bias
+        op, inputs = graph.nodes[index].op, graph.nodes[index].inputs
+        partner = _fold_partner(graph, readers, index)
+        if partner is not None:
+            producer = graph.nodes[partner]
+            op, inputs = FOLD_RULES[type(producer.op)](producer.op, op), producer.inputs
+        shapes = tuple(tuple(input_shape) if source == INPUT else outputs[source] for source in inputs)
+        ctx = BackwardContext(shapes[0], relaxations.get(index), shapes)
+        if isinstance(op, NARY_OPS):
+            return list(zip(inputs, SPLIT_RULES[type(op)](op, A, ctx)))
+        moved = BACKWARD_RULES[type(op)](op, LinearBound(A, bias), ctx)
         if after_relu is not None and isinstance(op, ReluOp):
-            bound = after_relu(index, output_A, bound)
-        index -= 1
-    return bound
+            moved = after_relu(index, A, moved)
+        bias = moved.bias
+        return [(inputs[0], moved.A)]
+
+    input_A = walk_backward(graph, bound.A, move)
+    if input_A is None:
+        input_A = bound.A.new_zeros(1, bound.A.shape[1], *input_shape)
+    return LinearBound(input_A, bias)
 
 
 def concretize_lower(bound: LinearBound, box: Box) -> Tensor:
@@ -322,17 +516,23 @@ def concretize_lower(bound: LinearBound, box: Box) -> Tensor:
 # Intermediate bounds
 
 
-def ibp_is_exact(ops: Sequence[Op]) -> bool:
-    """IBP is exact for at most one Linear/Conv composed with per-channel affine maps and
-    flattens (|D1 W D2| = |D1| |W| |D2| for diagonal D), so CROWN cannot improve on it there."""
-    if any(isinstance(op, ReluOp) for op in ops):
+INEXACT_FOR_IBP = (ReluOp, MaxPoolOp, AddOp, AvgPoolOp)
+
+
+def ibp_is_exact(network: Network) -> bool:
+    """IBP is exact for at most one Linear/Conv composed with per-channel affine maps, reshapes
+    and concatenations (|D1 W D2| = |D1| |W| |D2| for diagonal D; a concatenation keeps every
+    output a function of its own branch), so CROWN cannot improve on it there. Sums (add,
+    average pooling) and nonlinear ops are not exact."""
+    ops = network_ops(network)
+    if any(isinstance(op, INEXACT_FOR_IBP) for op in ops):
         return False
     return sum(isinstance(op, (LinearOp, ConvOp)) for op in ops) <= 1
 
 
-def _crown_preactivation(ops: Sequence[Op], box: Box, relaxations: Mapping[int, ReluRelaxation],
+def _crown_preactivation(ops: Network, box: Box, relaxations: Mapping[int, ReluRelaxation | MaxPoolRelaxation],
                          pre: Box, unstable_only: bool, max_elements: int) -> Box:
-    """CROWN bounds of the output of ``ops`` (a ReLU input whose IBP box is ``pre``),
+    """CROWN bounds of the output of ``ops`` (a ReLU or max-pool input whose IBP box is ``pre``),
     intersected with ``pre``. Rows +e_j (lower bound) and -e_j (minus the upper bound) are
     propagated in chunks so that one A tensor holds at most ``max_elements`` elements."""
     batch = box.lower.shape[0]
@@ -345,7 +545,7 @@ def _crown_preactivation(ops: Sequence[Op], box: Box, relaxations: Mapping[int, 
         chosen = torch.arange(neurons, device=ibp_lower.device)
     if chosen.numel() == 0:
         return pre
-    widest = max(math.prod(s) for s in layer_shapes(ops, tuple(box.lower.shape[1:])))
+    widest = max(math.prod(s) for s in [tuple(box.lower.shape[1:]), *output_shapes(ops, tuple(box.lower.shape[1:]))])
     rows_per_chunk = max(1, max_elements // (2 * batch * widest))
     lowers, uppers = [], []
     for chunk in chosen.split(rows_per_chunk):
@@ -366,38 +566,48 @@ def _crown_preactivation(ops: Sequence[Op], box: Box, relaxations: Mapping[int, 
     return Box(new_lower.reshape(batch, *shape), new_upper.reshape(batch, *shape))
 
 
-def relu_indices(ops: Sequence[Op]) -> list[int]:
-    return [index for index, op in enumerate(ops) if isinstance(op, ReluOp)]
+def relu_indices(network: Network) -> list[int]:
+    return [index for index, op in enumerate(network_ops(network)) if isinstance(op, ReluOp)]
 
 
-def intermediate_bounds(ops: Sequence[Op], box: Box, mode: str = "crown-ibp", *,
+def nonlinear_indices(network: Network) -> list[int]:
+    """The nodes whose backward rule needs bounds of their input: ReLUs and max pools."""
+    return [index for index, op in enumerate(network_ops(network)) if isinstance(op, NONLINEAR_OPS)]
+
+
+def intermediate_bounds(network: Network, box: Box, mode: str = "crown-ibp", *,
                         split: Splits | None = None, crown_layers: Collection[int] | None = None,
                         unstable_only: bool = True, max_elements: int = DEFAULT_MAX_ELEMENTS,
                         ) -> IntermediateBounds:
-    """Boxes of every ReLU input, keyed by the ReLU's op index (module docstring).
+    """Boxes of every ReLU and max-pool input, keyed by the node's index (module docstring).
 
-    mode "ibp"/"crown-ibp": IBP; "crown": CROWN intersected with IBP for the ReLUs in
-    ``crown_layers`` (op indices; None: all), IBP for the others. Splits tighten each box as
-    soon as it is computed, so later layers profit from them."""
+    mode "ibp"/"crown-ibp": IBP; "crown": CROWN intersected with IBP for the nodes in
+    ``crown_layers`` (node indices; None: all), IBP for the others. Splits tighten each box as
+    soon as it is computed, and a tightened box replaces the IBP box of the node it bounds, so
+    later layers (every reader of that node) profit from it."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     split = split or {}
-    relus = relu_indices(ops)
+    graph = as_graph(network)
+    nonlinear = nonlinear_indices(graph)
     boxes: IntermediateBounds = {}
-    relaxations: dict[int, ReluRelaxation] = {}
-    current = box
-    for index in range(relus[-1] + 1 if relus else 0):
-        op = ops[index]
-        if isinstance(op, ReluOp):
-            pre = current
-            if (mode == "crown" and (crown_layers is None or index in crown_layers)
-                    and not ibp_is_exact(ops[:index])):
-                pre = _crown_preactivation(ops[:index], box, relaxations, pre, unstable_only, max_elements)
-            pre = apply_split(pre, split.get(index))
-            boxes[index] = pre
-            relaxations[index] = relu_relaxation(pre)
-            current = pre
-        current = ibp_step(op, current)
+    relaxations: dict[int, ReluRelaxation | MaxPoolRelaxation] = {}
+    outputs: list[Box] = []
+    for index, node in enumerate(graph.nodes[:nonlinear[-1] + 1] if nonlinear else ()):
+        if not isinstance(node.op, NONLINEAR_OPS):
+            outputs.append(ibp_node(node.op, node_inputs(outputs, box, node)))
+            continue
+        source = node.inputs[0]
+        pre = box if source == INPUT else outputs[source]
+        if (mode == "crown" and (crown_layers is None or index in crown_layers) and source != INPUT
+                and not ibp_is_exact(graph.prefix(source + 1))):
+            pre = _crown_preactivation(graph.prefix(source + 1), box, relaxations, pre, unstable_only, max_elements)
+        pre = apply_split(pre, split.get(index))
+        boxes[index] = pre
+        relaxations[index] = relax(node.op, pre)
+        if source != INPUT:
+            outputs[source] = pre
+        outputs.append(ibp_node(node.op, [pre]))
     return boxes
 
 
@@ -412,20 +622,27 @@ def _spec_bound(spec_C: Tensor, box: Box) -> LinearBound:
     return LinearBound(C, torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device))
 
 
-def _check_intermediate(ops: Sequence[Op], intermediate: Mapping[int, Box]) -> None:
-    missing = [index for index in relu_indices(ops) if index not in intermediate]
+def _check_intermediate(network: Network, intermediate: Mapping[int, Box]) -> None:
+    missing = [index for index in nonlinear_indices(network) if index not in intermediate]
     if missing:
-        raise KeyError(f"no intermediate bounds for the ReLU ops {missing}")
+        raise KeyError(f"no intermediate bounds for the ReLU / max-pool nodes {missing}")
 
 
-def crown_bounds(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
+def relaxations_of(network: Network, intermediate: Mapping[int, Box],
+                   alphas: Alphas | None = None) -> dict[int, ReluRelaxation | MaxPoolRelaxation]:
+    """The relaxation of every nonlinear node over its intermediate box (ReLU slopes ``alphas``)."""
+    ops, alphas = network_ops(network), alphas or {}
+    return {index: relax(ops[index], pre, alphas.get(index)) for index, pre in intermediate.items()}
+
+
+def crown_bounds(ops: Network, box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
                  alphas: Alphas | None = None, *, mode: str = "crown-ibp", split: Splits | None = None,
                  crown_layers: Collection[int] | None = None, unstable_only: bool = True,
                  max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
     """Lower bounds of C f(x) over the box, shape (B, S); ``spec_C`` is (B, S, K) or (S, K).
 
-    ``intermediate``: ReLU-input boxes (see ``intermediate_bounds``, computed with ``mode``
-    when None). ``alphas``: lower slopes per ReLU op index, each broadcastable to
+    ``intermediate``: ReLU / max-pool input boxes (see ``intermediate_bounds``, computed with
+    ``mode`` when None). ``alphas``: lower slopes per ReLU op index, each broadcastable to
     (B, S, *shape) (clamped to [0, 1]); missing ReLUs use the adaptive slope. ``split`` tightens
     the intermediate boxes. When the last op is Linear its backward rule multiplies the spec
     into the weights first (C W, C b): last-layer elision comes for free."""
@@ -435,14 +652,13 @@ def crown_bounds(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mapp
     else:
         intermediate = apply_splits(intermediate, split)
     _check_intermediate(ops, intermediate)
-    alphas = alphas or {}
-    relaxations = {index: relu_relaxation(pre, alphas.get(index)) for index, pre in intermediate.items()}
+    relaxations = relaxations_of(ops, intermediate, alphas)
     bound = backward(ops, _spec_bound(spec_C, box), tuple(box.lower.shape[1:]), relaxations)
     lower = concretize_lower(bound, box)
     return lower.expand(box.lower.shape[0], -1)
 
 
-def crown_upper_bounds(ops: Sequence[Op], box: Box, spec_C: Tensor,
+def crown_upper_bounds(ops: Network, box: Box, spec_C: Tensor,
                        intermediate: Mapping[int, Box] | None = None, alphas: Alphas | None = None,
                        **options) -> Tensor:
     """Upper bounds of C f(x): minus the lower bounds of -C f(x)."""
@@ -455,7 +671,7 @@ def _other_classes(labels: Tensor, num_classes: int) -> Tensor:
     return classes[classes != labels.unsqueeze(1)].view(labels.shape[0], num_classes - 1)
 
 
-def crown_margin_lower(ops: Sequence[Op], box: Box, labels: Tensor, num_classes: int,
+def crown_margin_lower(ops: Network, box: Box, labels: Tensor, num_classes: int,
                        intermediate: Mapping[int, Box] | None = None, *, mode: str = "crown-ibp",
                        alpha_iterations: int = 0, **options) -> Tensor:
     """Lower bounds of the margins z_y - z_i, shape (B, K), entry y = 0 (as
@@ -473,7 +689,7 @@ def crown_margin_lower(ops: Sequence[Op], box: Box, labels: Tensor, num_classes:
     return torch.zeros(labels.shape[0], num_classes, dtype=lower.dtype, device=lower.device).scatter(1, others, lower)
 
 
-def crown_ibp_margin_lower(ops: Sequence[Op], box: Box, labels: Tensor, num_classes: int,
+def crown_ibp_margin_lower(ops: Network, box: Box, labels: Tensor, num_classes: int,
                            intermediate: Mapping[int, Box] | None = None) -> Tensor:
     """CROWN-IBP lower bounds of the margins z_y - z_i, shape (B, K), entry y = 0, like
     ``ibp.ibp_margin_lower``: IBP boxes for the ReLU inputs (or ``intermediate``), CROWN for the
@@ -501,7 +717,7 @@ def _detached(box: Box) -> Box:
     return Box(box.lower.detach(), box.upper.detach())
 
 
-def alpha_crown(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
+def alpha_crown(ops: Network, box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
                 iterations: int = 20, lr: float = 0.1, *, lr_decay: float = 0.98, shared_alpha: bool = False,
                 init_alphas: Alphas | None = None, mode: str = "crown-ibp", split: Splits | None = None,
                 crown_layers: Collection[int] | None = None, unstable_only: bool = True,
@@ -529,7 +745,10 @@ def alpha_crown(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mappi
     rows = 1 if shared_alpha else spec.shape[1]
     init_alphas = init_alphas or {}
     alphas: dict[int, Tensor] = {}
+    relus = set(relu_indices(ops))
     for index, pre in intermediate.items():
+        if index not in relus:
+            continue  # max pools have no slope to optimize
         start = init_alphas.get(index)
         start = adaptive_alpha(pre).unsqueeze(1) if start is None else start.detach().to(pre.lower)
         start = start.expand(pre.lower.shape[0], rows, *pre.lower.shape[1:]).clamp(0.0, 1.0)
@@ -571,7 +790,7 @@ def alpha_crown(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mappi
     return AlphaCrownResult(best, best_alphas, intermediate, history)
 
 
-def alpha_crown_bounds(ops: Sequence[Op], box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
+def alpha_crown_bounds(ops: Network, box: Box, spec_C: Tensor, intermediate: Mapping[int, Box] | None = None,
                        iterations: int = 20, lr: float = 0.1, **options) -> Tensor:
     """The lower bounds (B, S) of ``alpha_crown``."""
     return alpha_crown(ops, box, spec_C, intermediate, iterations, lr, **options).lower

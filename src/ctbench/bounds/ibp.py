@@ -2,7 +2,14 @@
 
 Affine ops map the box in center/radius form: center -> W c + b, radius -> |W| r. ReLU maps
 [l, u] to [relu(l), relu(u)]; with ``relu_shrink = s < 1`` the upper bound of unstable neurons
-(l < 0 < u) becomes s * u (SABR's ReLU shrink, an unsound training-time device).
+(l < 0 < u) becomes s * u (SABR's ReLU shrink, an unsound training-time device). Average
+pooling is linear with nonnegative weights, so it maps l and u themselves (exact, like any
+elementwise-monotone map); max pooling is monotone in every input: [maxpool(l), maxpool(u)],
+exact for each output neuron. Add: [l_a + l_b, u_a + u_b]; concatenation and reshapes move the
+bounds along with the values.
+
+On a DAG (``models.ops.Graph``) the rules run node by node in topological order; the rule of an
+op of several inputs (``NARY_OPS``) takes the tuple of their boxes.
 """
 from __future__ import annotations
 
@@ -13,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.ops import ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Op, ReluOp
+from ..models.ops import (
+    INPUT, NARY_OPS, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, LinearOp, MaxPoolOp, Network,
+    Op, ReluOp, ReshapeOp, as_graph, network_ops, network_prefix, node_inputs, source_of,
+)
 from .box import Box
 
 
@@ -53,12 +63,32 @@ def _ibp_flatten(op: FlattenOp, box: Box, options: IBPOptions) -> Box:
     return Box(box.lower.flatten(1), box.upper.flatten(1))
 
 
+def _ibp_monotone(op: ReshapeOp | AvgPoolOp | MaxPoolOp, box: Box, options: IBPOptions) -> Box:
+    """[op(l), op(u)] for an op that is nondecreasing in every input (reshape, average and max
+    pooling): exact per output neuron."""
+    return Box(op(box.lower), op(box.upper))
+
+
+def _ibp_add(op: AddOp, boxes: tuple[Box, Box], options: IBPOptions) -> Box:
+    first, second = boxes
+    return Box(first.lower + second.lower, first.upper + second.upper)
+
+
+def _ibp_concat(op: ConcatOp, boxes: tuple[Box, ...], options: IBPOptions) -> Box:
+    return Box(op(*(box.lower for box in boxes)), op(*(box.upper for box in boxes)))
+
+
 IBP_RULES: dict[type, Callable[[Op, Box, IBPOptions], Box]] = {
     LinearOp: _ibp_linear,
     ConvOp: _ibp_conv,
     ChannelAffineOp: _ibp_channel_affine,
     ReluOp: _ibp_relu,
     FlattenOp: _ibp_flatten,
+    ReshapeOp: _ibp_monotone,
+    AvgPoolOp: _ibp_monotone,
+    MaxPoolOp: _ibp_monotone,
+    AddOp: _ibp_add,  # n-ary rules take the tuple of their input boxes
+    ConcatOp: _ibp_concat,
 }
 
 
@@ -66,13 +96,26 @@ def ibp_step(op: Op, box: Box, options: IBPOptions = IBPOptions()) -> Box:
     return IBP_RULES[type(op)](op, box, options)
 
 
-def interval_bounds(ops: Sequence[Op], box: Box, options: IBPOptions = IBPOptions()) -> list[Box]:
-    """Boxes after every op: result[i] bounds the output of ops[i]; result[-1] bounds the logits."""
-    boxes = []
-    for op in ops:
-        box = ibp_step(op, box, options)
-        boxes.append(box)
+def ibp_node(op: Op, boxes: Sequence[Box], options: IBPOptions = IBPOptions()) -> Box:
+    """The box of a node's output from the boxes of its inputs."""
+    return IBP_RULES[type(op)](op, tuple(boxes) if isinstance(op, NARY_OPS) else boxes[0], options)
+
+
+def interval_bounds(network: Network, box: Box, options: IBPOptions = IBPOptions()) -> list[Box]:
+    """Boxes after every op (node): result[i] bounds the output of node i; result[-1] bounds
+    the logits."""
+    boxes: list[Box] = []
+    for node in as_graph(network).nodes:
+        boxes.append(ibp_node(node.op, node_inputs(boxes, box, node), options))
     return boxes
+
+
+def elision_input(network: Network, box: Box, options: IBPOptions = IBPOptions()) -> tuple[Box, list[Box]]:
+    """For a network whose last op is Linear: the box of that op's input and the boxes of every
+    node before it (``interval_bounds`` of the rest)."""
+    boxes = interval_bounds(network_prefix(network, len(network) - 1), box, options)
+    source = source_of(network, len(network) - 1)
+    return (box if source == INPUT else boxes[source]), boxes
 
 
 def elided_margin_box(last: LinearOp, box: Box, labels: Tensor) -> Box:
@@ -108,12 +151,13 @@ def margin_lower_from_logits(logits_box: Box, labels: Tensor) -> Tensor:
     return margins.scatter(1, labels.unsqueeze(1), 0.0)
 
 
-def ibp_margin_lower(ops: Sequence[Op], box: Box, labels: Tensor, options: IBPOptions = IBPOptions(),
+def ibp_margin_lower(network: Network, box: Box, labels: Tensor, options: IBPOptions = IBPOptions(),
                      ) -> tuple[Tensor, list[Box]]:
     """IBP lower bounds on the margins z_y - z_i (last-layer elision when the network ends in a
     linear layer) and the boxes of every layer before the last."""
-    if isinstance(ops[-1], LinearOp):
-        boxes = interval_bounds(ops[:-1], box, options)
-        return elided_margin_lower(ops[-1], boxes[-1] if boxes else box, labels), boxes
-    boxes = interval_bounds(ops, box, options)
+    last = network_ops(network)[-1]
+    if isinstance(last, LinearOp):
+        features, boxes = elision_input(network, box, options)
+        return elided_margin_lower(last, features, labels), boxes
+    boxes = interval_bounds(network, box, options)
     return margin_lower_from_logits(boxes[-1], labels), boxes[:-1]

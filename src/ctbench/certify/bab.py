@@ -59,10 +59,12 @@ from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import (
     LinearBound, adaptive_alpha, apply_split, backward, concretize_lower, intermediate_bounds, layer_shapes,
-    relu_indices, relu_relaxation,
+    nonlinear_indices, relu_indices, relu_relaxation,
 )
 from ..bounds.ibp import ibp_step
-from ..models.ops import Op, ReluOp, run_ops
+from ..models.ops import (
+    AvgPoolOp, ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Network, Op, ReluOp, ReshapeOp, require_chain, run_ops,
+)
 from . import milp, rigorous
 from .soundness import (
     SafetyMargin, clean_logits64, infeasibility_certificate, intersect_intermediate, lagrangian_lower_bound,
@@ -136,10 +138,20 @@ class _Stop(Exception):
         self.result = result
 
 
-def auto_crown_layers(ops: Sequence[Op], input_shape: tuple[int, ...], max_neurons: int) -> list[int]:
-    """ReLU op indices whose input has at most ``max_neurons`` neurons (per sample)."""
+# Branch and bound splits ReLUs of a chain; max pooling and DAGs are refused (``check_network``).
+BAB_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp)
+
+
+def check_network(network: Network) -> tuple[Op, ...]:
+    """The network as a chain of ops branch and bound handles, else a TypeError that says why."""
+    return require_chain(network, BAB_OPS, "branch and bound")
+
+
+def auto_crown_layers(ops: Network, input_shape: tuple[int, ...], max_neurons: int) -> list[int]:
+    """ReLU and max-pool node indices whose input has at most ``max_neurons`` neurons (per
+    sample)."""
     shapes = layer_shapes(ops, input_shape)
-    return [index for index in relu_indices(ops) if math.prod(shapes[index]) <= max_neurons]
+    return [index for index in nonlinear_indices(ops) if math.prod(shapes[index]) <= max_neurons]
 
 
 def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas, betas, signs,
@@ -187,7 +199,7 @@ class BranchAndBound:
                  safety: SafetyMargin = SafetyMargin(),
                  confirm: Callable[[Tensor, Tensor, int], Tensor] | None = None,
                  net: Sequence[rigorous.RigorousOp] | None = None) -> None:
-        self.ops32, self.ops64 = tuple(ops32), tuple(ops64)
+        self.ops32, self.ops64 = check_network(ops32), check_network(ops64)
         self.net = tuple(net) if net is not None else rigorous.point_network(self.ops64)
         self.settings = settings
         self.safety = safety

@@ -403,6 +403,7 @@ def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | No
         settings = replace(settings, timeout=float(timeout))
     eps = check_eps(eps)
     stage_list = [build_stage(name) for name in stage_names(settings.stages)]
+    _check_network(model, stage_list)
     images, labels = _as_tensors(data)
     check_inputs(images, labels, settings.data_range)
     indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
@@ -459,6 +460,23 @@ def certify(model: nn.Module, data, eps: float, stages: str | Sequence[str] | No
     if out_dir is not None:
         atomic_write_json(out_dir / (shard.summary_file if shard is not None else SUMMARY_FILE), summary)
     return CertifyResult(result_verdicts, summary, out_path)
+
+
+def _check_network(model: nn.Module, stage_list) -> None:
+    """Every stage must handle the lowered model (``Stage.check_network``), else the error
+    names the stages that do not, why, and the stages to keep."""
+    network = lower_network(model, detach=True)
+    refused: dict[str, str] = {}
+    for stage in stage_list:
+        try:
+            stage.check_network(network)
+        except TypeError as error:
+            refused[stage.name] = str(error)
+    if refused:
+        usable = ",".join(s.name for s in stage_list if s.name not in refused) or "ibp,crown-ibp,attack,alpha-crown"
+        reason = next(iter(refused.values()))
+        raise CertifyInputError(f"the stages {', '.join(refused)} cannot certify this model ({reason}); "
+                                f"leave them out of --stages, e.g. --stages {usable}")
 
 
 def _num_classes(model: nn.Module, images: Tensor, device) -> int:

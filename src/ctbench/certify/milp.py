@@ -39,7 +39,12 @@ from torch import Tensor
 
 from ..bounds.box import Box
 from ..bounds.crown import intermediate_bounds, layer_shapes, relu_indices
-from ..models.ops import Op, ReluOp, run_ops
+from ..models.ops import (
+    AvgPoolOp, ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Network, Op, ReluOp, ReshapeOp, require_chain, run_ops,
+)
+
+# The MILP encodes a chain of affine segments between ReLU layers; max pooling and DAGs are refused.
+MILP_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp)
 
 INF = math.inf
 
@@ -252,6 +257,7 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
     (module docstring): use it to find counterexamples, never as a certificate."""
     import scipy.sparse as sparse
 
+    ops = require_chain(ops, MILP_OPS, "the MILP encoding")
     dtype, device = torch.float64, box.lower.device
     if intermediate is None:
         with torch.no_grad():
@@ -381,6 +387,7 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
     return NetworkMilpResult(per_target, best, best_point, best_target, exact)
 
 
-def network_neurons(ops: Sequence[Op], input_shape: tuple[int, ...]) -> int:
+def network_neurons(ops: Network, input_shape: tuple[int, ...]) -> int:
+    ops = require_chain(ops, MILP_OPS, "the MILP encoding")
     shapes = layer_shapes(ops, input_shape)
     return sum(math.prod(shapes[index]) for index, op in enumerate(ops) if isinstance(op, ReluOp))

@@ -63,9 +63,26 @@ float; every update of offset is rounded down. The steps:
 * split multipliers (beta-CROWN, as ``bab.split_bound``): on the domain sgn_j h_j >= 0, and
   A' = fl(A - beta sgn) = A - beta' sgn exactly with beta' >= 0 (monotone rounding again), so
   A . h >= A' . h there: no slack.
+* Flatten, Reshape, Add, Concat: A is reshaped, copied to both inputs, or split: no arithmetic.
+* AvgPool: the window sum (a Conv whose weights 1 are exact) followed by an IntervalAffineOp
+  with s in [next_down(1/n), next_up(1/n)] (n = kh kw) and t = 0: the two rules above.
+* MaxPool (DeepPoly lines, ``bounds.crown``), chosen on the rigorous bounds of its input, so
+  h_{i*} <= y and y <= h_{i*} (dominated) or y <= U = max_j u_j hold for the real values. The
+  coefficients A+ + A- [dominated] are exact (one term is 0); moving them onto the input is a
+  sum over the m = ceil(kh/sh) ceil(kw/sw) windows that may cover a position, so the float
+  A' differs from the exact one by at most gamma_m sum |coefficients| (nothing when m = 1):
+  offset -= sum of that times M. The constant sum A- U over the other windows is rounded down
+  like a dot product: fl(sum) - gamma_n sum |A-||U| - n eta.
 * input: for x in [c - r, c + r],  A . x >= fl(A . c) - (|A| . r + gamma_n |A| . |c| + n eta).
 
-The result is a float <= the exact minimum of the chain, hence <= min of C f(x) over the
+On a DAG the same rules run node by node in reverse topological order, each node's A the sum
+of what its readers pass back: a float sum T = fl(A_1 + A_2) = (A_1 + A_2)(1 + d), |d| <= u
+(exact on underflow), so |T - (A_1 + A_2)| <= 2u |T| and offset -= 2u |T| . M per addition (M:
+the magnitude of the node's output, from the box its readers see). IBP: Add is
+[next_down(l_a + l_b), next_up(u_a + u_b)]; max pooling, concatenation and reshapes are exact.
+For an op of several inputs, ``layer_bounds`` holds the tuple of its input boxes.
+
+The result is a float <= the exact minimum of the network, hence <= min of C f(x) over the
 domain. Overflow can only make it -inf or NaN; NaN is returned as -inf.
 """
 from __future__ import annotations
@@ -80,9 +97,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bounds.box import Box
-from ..bounds.crown import BACKWARD_RULES, BackwardContext, LinearBound, adaptive_alpha, apply_split, ibp_is_exact
+from ..bounds.crown import (
+    BACKWARD_RULES, SHAPE_RULES, SPLIT_RULES, BackwardContext, LinearBound, adaptive_alpha, apply_split, fold_windows,
+    ibp_is_exact, maxpool_relaxation, output_shapes, walk_backward,
+)
 from ..models.layers import Normalize
-from ..models.ops import BATCHNORM_TYPES, LOWERINGS, ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Op, ReluOp
+from ..models.ops import (
+    BATCHNORM_TYPES, INPUT, LOWERINGS, NARY_OPS, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp,
+    LayerNode, LinearOp, MaxPoolOp, Network, Op, ReluOp, ReshapeOp, as_graph, assemble, layer_nodes, network_ops,
+    node_inputs, with_ops,
+)
 
 UNIT_ROUNDOFF = 2.0 ** -53
 ETA = 2.0 ** -1074  # the smallest subnormal: absolute error of an underflowing product
@@ -100,7 +124,10 @@ class IntervalAffineOp:
     shift: Box
 
 
-RigorousOp = LinearOp | ConvOp | IntervalAffineOp | ReluOp | FlattenOp
+SHAPE_RULES[IntervalAffineOp] = SHAPE_RULES[ChannelAffineOp]  # per channel: the shape stays
+
+RigorousOp = (LinearOp | ConvOp | IntervalAffineOp | ReluOp | FlattenOp | ReshapeOp | AvgPoolOp | MaxPoolOp | AddOp
+              | ConcatOp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,42 +208,42 @@ def _normalize_interval(layer: Normalize) -> IntervalAffineOp:
     return IntervalAffineOp(scale, Box(-centered.upper, -centered.lower))
 
 
-def interval_network(model: nn.Module) -> tuple[RigorousOp, ...]:
-    """The model (an nn.Sequential, eval semantics) as rigorous ops (module docstring)."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"ctbench works on nn.Sequential models, got {type(model).__name__}")
-    net: list[RigorousOp] = []
-    for layer in model:
-        if isinstance(layer, BATCHNORM_TYPES):
-            net.append(_batchnorm_interval(layer))
-        elif isinstance(layer, Normalize):
-            net.append(_normalize_interval(layer))
-        elif type(layer) in LOWERINGS:
-            op = LOWERINGS[type(layer)](layer, None, True)
-            if op is not None:
-                net.append(_exact64(op) if isinstance(op, (LinearOp, ConvOp)) else op)
-        else:
-            raise TypeError(f"layer {type(layer).__name__} has no lowering")
-    return _checked(net)
+def _rigorous_layer(layer: LayerNode) -> RigorousOp | None:
+    """A layer of the model as a rigorous op (None: an identity)."""
+    module = layer.module
+    if module is None:
+        return layer.op
+    if isinstance(module, BATCHNORM_TYPES):
+        return _batchnorm_interval(module)
+    if isinstance(module, Normalize):
+        return _normalize_interval(module)
+    op = LOWERINGS[type(module)](module, None, True)
+    return _exact64(op) if isinstance(op, (LinearOp, ConvOp)) else op
 
 
-def point_network(ops: Sequence[Op]) -> tuple[RigorousOp, ...]:
+def interval_network(model: nn.Module) -> Network:
+    """The model (eval semantics) as rigorous ops, a chain or a DAG as ``lower_network`` gives
+    it, node for node (module docstring)."""
+    return _checked(assemble(layer_nodes(model), _rigorous_layer))
+
+
+def _point_op(op: Op) -> RigorousOp:
+    if isinstance(op, ChannelAffineOp):
+        scale, shift = op.scale.detach().double(), op.shift.detach().double()
+        return IntervalAffineOp(Box(scale, scale), Box(shift, shift))
+    return _exact64(op) if isinstance(op, (LinearOp, ConvOp)) else op
+
+
+def point_network(ops: Network) -> Network:
     """Lowered ops read as exact points: the network certified is the one their values define
     (for BatchNorm and Normalize a float fold of the model's, which ``interval_network`` avoids)."""
-    net: list[RigorousOp] = []
-    for op in ops:
-        if isinstance(op, ChannelAffineOp):
-            scale, shift = op.scale.detach().double(), op.shift.detach().double()
-            net.append(IntervalAffineOp(Box(scale, scale), Box(shift, shift)))
-        else:
-            net.append(_exact64(op) if isinstance(op, (LinearOp, ConvOp)) else op)
-    return _checked(net)
+    return _checked(with_ops(ops, [_point_op(op) for op in network_ops(ops)]))
 
 
-def _checked(net: list[RigorousOp]) -> tuple[RigorousOp, ...]:
+def _checked(net: Network) -> Network:
     """The network, after checking gradual underflow on the device of its weights."""
-    check_gradual_underflow(next(op.weight.device for op in net if isinstance(op, (LinearOp, ConvOp))))
-    return tuple(net)
+    check_gradual_underflow(next(op.weight.device for op in network_ops(net) if isinstance(op, (LinearOp, ConvOp))))
+    return net
 
 
 def rigorous_box(x: Tensor, eps: float, data_range: tuple[float, float]) -> Box:
@@ -317,15 +344,56 @@ def _ibp_interval_affine(op: IntervalAffineOp, box: Box) -> Box:
     return Box(next_down(lower), next_up(upper))
 
 
-def ibp_step(op: RigorousOp, box: Box) -> Box:
-    """A rigorous box of op(h) for every real h in ``box``."""
-    if isinstance(op, (LinearOp, ConvOp)):
-        return _ibp_affine(op, box)
-    if isinstance(op, IntervalAffineOp):
-        return _ibp_interval_affine(op, box)
-    if isinstance(op, ReluOp):
-        return Box(box.lower.clamp(min=0), box.upper.clamp(min=0))
-    return Box(box.lower.flatten(1), box.upper.flatten(1))
+def _sum_pool(op: AvgPoolOp, like: Tensor) -> ConvOp:
+    """The window sums of an average pooling of ``like`` (B, C, H, W): a Conv from each channel
+    to itself with weights 1 (exact)."""
+    channels = like.shape[1]
+    eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+    return ConvOp(eye[:, :, None, None].expand(-1, -1, *op.kernel).contiguous(), None, op.stride, op.padding)
+
+
+def _pool_scale(op: AvgPoolOp, like: Tensor) -> IntervalAffineOp:
+    """y = s x with s in [next_down(1/n), next_up(1/n)] per channel, n = kh kw (t = 0)."""
+    inverse = torch.full((like.shape[1],), 1.0 / math.prod(op.kernel), dtype=like.dtype, device=like.device)
+    zero = torch.zeros_like(inverse)
+    return IntervalAffineOp(Box(next_down(inverse), next_up(inverse)), Box(zero, zero))
+
+
+def _ibp_avg_pool(op: AvgPoolOp, box: Box) -> Box:
+    return _ibp_interval_affine(_pool_scale(op, box.lower), _ibp_affine(_sum_pool(op, box.lower), box))
+
+
+def _ibp_add(op: AddOp, boxes: tuple[Box, Box]) -> Box:
+    first, second = boxes
+    return Box(next_down(first.lower + second.lower), next_up(first.upper + second.upper))
+
+
+def _ibp_exact(op: Op, box: Box | tuple[Box, ...]) -> Box:
+    """Ops that compute no new number (ReLU, max pooling, reshapes, concatenation): the op
+    applied to both ends."""
+    if isinstance(op, NARY_OPS):
+        return Box(op(*(b.lower for b in box)), op(*(b.upper for b in box)))
+    return Box(op(box.lower), op(box.upper))
+
+
+# Rigorous IBP rules: (op, box or tuple of boxes for an op of several inputs) -> a rigorous box.
+RIGOROUS_IBP_RULES = {
+    LinearOp: _ibp_affine,
+    ConvOp: _ibp_affine,
+    IntervalAffineOp: _ibp_interval_affine,
+    AvgPoolOp: _ibp_avg_pool,
+    AddOp: _ibp_add,  # n-ary rules take the tuple of their input boxes
+    ReluOp: _ibp_exact,
+    MaxPoolOp: _ibp_exact,
+    FlattenOp: _ibp_exact,
+    ReshapeOp: _ibp_exact,
+    ConcatOp: _ibp_exact,
+}
+
+
+def ibp_node(op: RigorousOp, boxes: Sequence[Box]) -> Box:
+    """A rigorous box of a node's output from rigorous boxes of its inputs."""
+    return RIGOROUS_IBP_RULES[type(op)](op, tuple(boxes) if isinstance(op, NARY_OPS) else boxes[0])
 
 
 def _intersect(box: Box, other: Box) -> Box:
@@ -338,29 +406,36 @@ def _without_nan(box: Box) -> Box:
                box.upper.nan_to_num(math.inf, math.inf, -math.inf))
 
 
-def layer_bounds(net: Sequence[RigorousOp], box: Box, *, crown_layers: Collection[int] = (),
+def layer_bounds(net: Network, box: Box, *, crown_layers: Collection[int] = (),
                  split: Mapping[int, Tensor] | None = None, given: Mapping[int, Box] | None = None,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[Box]:
-    """bounds[k]: a rigorous box of the input of net[k] (bounds[0] = ``box``). At a ReLU the IBP
-    box is intersected with rigorous CROWN bounds (ReLU op indices in ``crown_layers``, unless
-    IBP is exact there), with ``given[k]`` (bounds valid on the whole box, batch dims
-    broadcast) and with the split half-spaces (``split[k]`` in {-1, 0, +1})."""
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[Box | tuple[Box, ...]]:
+    """bounds[k]: a rigorous box of the input of node k (the tuple of its input boxes for an add or
+    a concatenation; bounds[0] holds ``box``). At a ReLU or max pool the IBP box is intersected
+    with rigorous CROWN bounds (node indices in ``crown_layers``, unless IBP is exact there),
+    with ``given[k]`` (bounds valid on the whole box, batch dims broadcast) and with the split
+    half-spaces (``split[k]`` in {-1, 0, +1}); the intersection replaces the box of the node it
+    bounds for every reader."""
     split, given = split or {}, given or {}
-    bounds: list[Box] = []
-    current = box
-    for index, op in enumerate(net):
-        if isinstance(op, ReluOp):
-            if index in crown_layers and not ibp_is_exact(net[:index]):
-                current = _crown_preactivation(net[:index], bounds, current, max_elements)
+    graph = as_graph(net)
+    bounds: list[Box | tuple[Box, ...]] = []
+    outputs: list[Box] = []
+    for index, node in enumerate(graph.nodes):
+        inputs = node_inputs(outputs, box, node)
+        if isinstance(node.op, (ReluOp, MaxPoolOp)):
+            source, current = node.inputs[0], inputs[0]
+            if index in crown_layers and source != INPUT and not ibp_is_exact(graph.prefix(source + 1)):
+                current = _crown_preactivation(graph.prefix(source + 1), bounds[:source + 1], current, max_elements)
             if index in given:
                 current = _intersect(current, given[index])
-            current = apply_split(current, split.get(index))
-        bounds.append(current)
-        current = _without_nan(ibp_step(op, current))
+            inputs = [apply_split(current, split.get(index))]
+            if source != INPUT:
+                outputs[source] = inputs[0]
+        bounds.append(tuple(inputs) if isinstance(node.op, NARY_OPS) else inputs[0])
+        outputs.append(_without_nan(ibp_node(node.op, inputs)))
     return bounds
 
 
-def _crown_preactivation(net: Sequence[RigorousOp], bounds: list[Box], pre: Box, max_elements: int) -> Box:
+def _crown_preactivation(net: Network, bounds: list[Box], pre: Box, max_elements: int) -> Box:
     """``pre`` intersected with rigorous CROWN bounds (rows +e_j and -e_j, in chunks) of its
     neurons that are unstable in some sample; earlier ReLUs take the adaptive slopes."""
     batch, shape = pre.lower.shape[0], tuple(pre.lower.shape[1:])
@@ -368,7 +443,7 @@ def _crown_preactivation(net: Sequence[RigorousOp], bounds: list[Box], pre: Box,
     chosen = ((lower < 0) & (upper > 0)).any(dim=0).nonzero().squeeze(1)
     if chosen.numel() == 0:
         return pre
-    widest = max(b.lower[0].numel() for b in [*bounds, pre])
+    widest = max(b.lower[0].numel() for b in [*_boxes(bounds), pre])
     for chunk in chosen.split(max(1, max_elements // (2 * batch * widest))):
         count = chunk.numel()
         eye = torch.zeros(count, lower.shape[1], dtype=lower.dtype, device=lower.device)
@@ -435,35 +510,127 @@ def _backward_relu(A: Tensor, offset: Tensor, pre: Box, alpha: Tensor | None) ->
     return A_in, next_down(offset - slack)
 
 
+def _backward_avg_pool(op: AvgPoolOp, A: Tensor, offset: Tensor, pre: Box) -> tuple[Tensor, Tensor]:
+    """The window sum (exact weights) after the scale interval [next_down(1/n), next_up(1/n)]."""
+    window_sum = _sum_pool(op, pre.lower)
+    A, offset = _backward_interval_affine(_pool_scale(op, pre.lower), A, offset,
+                                          _without_nan(_ibp_affine(window_sum, pre)))
+    return _backward_affine(window_sum, A, offset, pre)
+
+
+def _window_overlap(op: MaxPoolOp) -> int:
+    """The most windows that cover one input position: ceil(kh/sh) ceil(kw/sw)."""
+    return math.prod(-(-kernel // stride) for kernel, stride in zip(op.kernel, op.stride))
+
+
+def _backward_max_pool(op: MaxPoolOp, A: Tensor, offset: Tensor, pre: Box) -> tuple[Tensor, Tensor]:
+    """The DeepPoly lines chosen on the rigorous bounds ``pre`` (module docstring): exact
+    coefficients, the rounding of their sum over overlapping windows (gamma_m sum |c| M), and
+    the constant sum A- U over the windows without a dominating input, rounded down."""
+    relax = maxpool_relaxation(op, pre)
+    shape = tuple(pre.lower.shape[1:])
+    negative = A.clamp(max=0)
+    windows = (A.clamp(min=0) + negative * relax.dominated).flatten(3).unsqueeze(3) * relax.choice
+    A_in = fold_windows(op, windows, shape)
+    overlap, n_in = _window_overlap(op), math.prod(shape)
+    slack = torch.zeros_like(offset)
+    if overlap > 1:
+        error = inflate(gamma(overlap) * dot_upper(fold_windows(op, windows.abs(), shape), overlap))
+        slack = dot_upper(_abs_dot(error, _magnitude(pre)), n_in)
+    used = (negative < 0) & (relax.dominated == 0)
+    products = torch.where(used, negative * relax.upper, torch.zeros_like(negative))
+    magnitudes = torch.where(used, negative.abs() * relax.upper.abs(), torch.zeros_like(negative))
+    n_out = math.prod(A.shape[2:])
+    constant_error = inflate(gamma(n_out) * dot_upper(magnitudes.flatten(2).sum(-1), n_out) + n_out * ETA)
+    constant = next_down(products.flatten(2).sum(-1) - constant_error)
+    return A_in, next_down(next_down(offset + constant) - slack)
+
+
+def _backward_reshape(op: FlattenOp | ReshapeOp, A: Tensor, offset: Tensor, pre: Box) -> tuple[Tensor, Tensor]:
+    return A.reshape(A.shape[0], A.shape[1], *pre.lower.shape[1:]), offset
+
+
+# Rigorous backward rules of the ops of one input: (op, A, offset, pre, alpha) -> (A', offset').
+RIGOROUS_BACKWARD_RULES = {
+    LinearOp: lambda op, A, offset, pre, alpha: _backward_affine(op, A, offset, pre),
+    ConvOp: lambda op, A, offset, pre, alpha: _backward_affine(op, A, offset, pre),
+    IntervalAffineOp: lambda op, A, offset, pre, alpha: _backward_interval_affine(op, A, offset, pre),
+    ReluOp: lambda op, A, offset, pre, alpha: _backward_relu(A, offset, pre, alpha),
+    AvgPoolOp: lambda op, A, offset, pre, alpha: _backward_avg_pool(op, A, offset, pre),
+    MaxPoolOp: lambda op, A, offset, pre, alpha: _backward_max_pool(op, A, offset, pre),
+    FlattenOp: lambda op, A, offset, pre, alpha: _backward_reshape(op, A, offset, pre),
+    ReshapeOp: lambda op, A, offset, pre, alpha: _backward_reshape(op, A, offset, pre),
+}
+
+
 def _price_splits(A: Tensor, beta: Tensor, sign: Tensor) -> Tensor:
     """fl(A - beta sgn) = A - beta' sgn with beta' >= 0 exactly (monotone rounding)."""
     return A - beta.to(A).clamp(min=0) * sign.to(A).unsqueeze(1)
 
 
-def backward(net: Sequence[RigorousOp], bounds: Sequence[Box], A: Tensor, alphas: Mapping[int, Tensor] | None = None,
+def backward(net: Network, bounds: Sequence[Box], A: Tensor, alphas: Mapping[int, Tensor] | None = None,
              betas: Mapping[int, Tensor] | None = None, split: Mapping[int, Tensor] | None = None,
              ) -> tuple[Tensor, Tensor]:
     """Move  C f(x) >= A . h_out(x)  (A (B or 1, S, *output shape)) from the output of ``net``
-    (a prefix of the network: alphas, betas and split keyed by op index) to its input:
+    (a prefix of the network: alphas, betas and split keyed by node index) to its input:
     returns (A_in, offset) with  C f(x) >= A_in . x + offset  on the domain, exactly.
-    ``bounds[k]``: rigorous box of the input of net[k]; ``alphas``: lower slopes, each
+    ``bounds[k]``: rigorous box of the (first) input of node k; ``alphas``: lower slopes, each
     broadcastable to (B, S, *shape), clamped to [0, 1] (adaptive where missing); ``betas``
     (clamped >= 0) price the split constraints ``split`` as ``bab.split_bound`` does."""
     alphas, betas = alphas or {}, betas or {}
+    graph = as_graph(net)
+    input_shape = tuple(_network_input(bounds).lower.shape[1:]) if bounds else tuple(A.shape[2:])
+    shapes = output_shapes(graph, input_shape) if any(isinstance(op, NARY_OPS) for op in graph.ops) else []
+    seen = _read_boxes(graph, bounds)
     offset = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
-    for index in range(len(net) - 1, -1, -1):
-        op, pre = net[index], bounds[index]
-        if isinstance(op, (LinearOp, ConvOp)):
-            A, offset = _backward_affine(op, A, offset, pre)
-        elif isinstance(op, IntervalAffineOp):
-            A, offset = _backward_interval_affine(op, A, offset, pre)
-        elif isinstance(op, ReluOp):
-            A, offset = _backward_relu(A, offset, pre, alphas.get(index))
-            if index in betas:
-                A = _price_splits(A, betas[index], split[index])
-        else:
-            A = A.reshape(A.shape[0], A.shape[1], *pre.lower.shape[1:])
-    return A, offset
+
+    def add(source: int, total: Tensor, part: Tensor) -> Tensor:
+        nonlocal offset
+        total = total + part
+        offset = _sum_slack(total, offset, seen[source])
+        return total
+
+    def move(index: int, node_A: Tensor) -> list[tuple[int, Tensor]]:
+        nonlocal offset
+        node = graph.nodes[index]
+        if isinstance(node.op, NARY_OPS):
+            inputs = tuple(input_shape if source == INPUT else shapes[source] for source in node.inputs)
+            context = BackwardContext(inputs[0], None, inputs)
+            return list(zip(node.inputs, SPLIT_RULES[type(node.op)](node.op, node_A, context)))
+        rule = RIGOROUS_BACKWARD_RULES[type(node.op)]
+        node_A, offset = rule(node.op, node_A, offset, bounds[index], alphas.get(index))
+        if index in betas:
+            node_A = _price_splits(node_A, betas[index], split[index])
+        return [(node.inputs[0], node_A)]
+
+    input_A = walk_backward(graph, A, move, add)
+    if input_A is None:
+        input_A = A.new_zeros(1, A.shape[1], *input_shape)
+    return input_A, offset
+
+
+def _boxes(bounds: Sequence[Box | tuple[Box, ...]]) -> list[Box]:
+    return [box for entry in bounds for box in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+def _network_input(bounds: Sequence[Box | tuple[Box, ...]]) -> Box:
+    """The input box: node 0 reads only the input."""
+    return bounds[0][0] if isinstance(bounds[0], tuple) else bounds[0]
+
+
+def _read_boxes(graph, bounds: Sequence[Box | tuple[Box, ...]]) -> dict[int, Box]:
+    """The box of every node's output (and of the input) as its readers see it."""
+    seen: dict[int, Box] = {}
+    for node, entry in zip(graph.nodes, bounds):
+        for source, box in zip(node.inputs, entry if isinstance(entry, tuple) else (entry,)):
+            seen[source] = box
+    return seen
+
+
+def _sum_slack(total: Tensor, offset: Tensor, box: Box) -> Tensor:
+    """offset - 2u |T| . M, rounded down, for T = fl(A_1 + A_2) (module docstring)."""
+    slack = inflate(2 * UNIT_ROUNDOFF * dot_upper(_abs_dot(total, _magnitude(box)), math.prod(total.shape[2:])))
+    return next_down(offset - slack)
 
 
 def concretize(A: Tensor, offset: Tensor, box: Box) -> Tensor:
@@ -477,19 +644,20 @@ def concretize(A: Tensor, offset: Tensor, box: Box) -> Tensor:
     return lower.nan_to_num(-math.inf, math.inf, -math.inf)
 
 
-def crown_lower(net: Sequence[RigorousOp], bounds: Sequence[Box], spec: Tensor,
+def crown_lower(net: Network, bounds: Sequence[Box], spec: Tensor,
                 alphas: Mapping[int, Tensor] | None = None, betas: Mapping[int, Tensor] | None = None,
                 split: Mapping[int, Tensor] | None = None) -> Tensor:
     """Rigorous CROWN lower bounds (B, S) of the spec rows (B or 1, S, *output shape) over the
-    domain: ``backward`` then ``concretize`` over bounds[0]."""
+    domain: ``backward`` then ``concretize`` over the input box (bounds[0])."""
     A, offset = backward(net, bounds, spec.double(), alphas, betas, split)
-    return concretize(A, offset, bounds[0])
+    return concretize(A, offset, _network_input(bounds))
 
 
-def ibp_lower(net: Sequence[RigorousOp], bounds: Sequence[Box], spec: Tensor) -> Tensor:
+def ibp_lower(net: Network, bounds: Sequence[Box], spec: Tensor) -> Tensor:
     """Rigorous IBP lower bounds (B, S) of the spec rows, like ``ibp.ibp_margin_lower``: the
     rows multiplied into a last Linear op (last-layer elision), else over the logits' box."""
-    if isinstance(net[-1], LinearOp):
-        return crown_lower(net[-1:], bounds[-1:], spec)
-    logits = ibp_step(net[-1], bounds[-1])
+    last = network_ops(net)[-1]
+    if isinstance(last, LinearOp):
+        return crown_lower((last,), bounds[-1:], spec)
+    logits = ibp_node(last, bounds[-1] if isinstance(last, NARY_OPS) else [bounds[-1]])
     return concretize(spec.double(), torch.zeros(spec.shape[:2], dtype=torch.float64, device=spec.device), logits)

@@ -44,14 +44,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..bounds.box import Box
 from ..bounds.spec import margin_spec
-from ..models.ops import Op, lower_network, run_ops
+from ..models.ops import Network, Op, lower_network, network_ops, run_ops, with_ops
 from .rigorous import ETA, concretize, dot_upper, gamma, inflate, next_down, next_up
 
 
@@ -72,20 +72,22 @@ class SafetyMargin:
 # float64 network and box
 
 
-def ops_to(ops: Sequence[Op], dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Op, ...]:
-    """The same ops with every tensor field cast to ``dtype`` (and moved to ``device``)."""
-    result = []
-    for op in ops:
-        changes = {}
-        for item in fields(op):
-            value = getattr(op, item.name)
-            if isinstance(value, Tensor):
-                changes[item.name] = value.detach().to(dtype=dtype, device=device or value.device)
-        result.append(replace(op, **changes) if changes else op)
-    return tuple(result)
+def _op_to(op: Op, dtype: torch.dtype, device: torch.device | str | None) -> Op:
+    changes = {}
+    for item in fields(op):
+        value = getattr(op, item.name)
+        if isinstance(value, Tensor):
+            changes[item.name] = value.detach().to(dtype=dtype, device=device or value.device)
+    return replace(op, **changes) if changes else op
 
 
-def float64_ops(model: nn.Module) -> tuple[Op, ...]:
+def ops_to(ops: Network, dtype: torch.dtype, device: torch.device | str | None = None) -> Network:
+    """The same network with every tensor field of its ops cast to ``dtype`` (and moved to
+    ``device``)."""
+    return with_ops(ops, [_op_to(op, dtype, device) for op in network_ops(ops)])
+
+
+def float64_ops(model: nn.Module) -> Network:
     """The model lowered in float64 (population BatchNorm statistics), parameters detached."""
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     return lower_network(model64, detach=True)
@@ -97,7 +99,7 @@ def float64_box(x: Tensor, eps: float, data_range: tuple[float, float]) -> Box:
     return Box((x64 - eps).clamp(min=lo), (x64 + eps).clamp(max=hi))
 
 
-def clean_logits64(ops64: Sequence[Op], x: Tensor) -> Tensor:
+def clean_logits64(ops64: Network, x: Tensor) -> Tensor:
     with torch.no_grad():
         return run_ops(ops64, x.detach().to(torch.float64))
 

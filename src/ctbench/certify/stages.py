@@ -21,6 +21,11 @@ confirming every counterexample with the model's float32 forward pass.
   confirms it; a positive optimum is the solver's word, not a checked certificate, so the sample
   stays open (put ``bab`` after it for a proof).
 
+Networks: ``ibp``, ``crown-ibp``, ``attack`` and ``alpha-crown`` (and their rigorous checks)
+run on any lowered network, a chain or a DAG (residual connections, concatenations, average and
+max pooling). ``bab`` and ``milp`` need a chain without max pooling; ``check_network`` refuses
+other networks before the cascade starts, with the stages to use instead.
+
 Adding a stage: a class with ``name`` and ``run(ctx, samples) -> Outcome``, registered with
 ``@STAGES.register(name)``.
 """
@@ -41,11 +46,11 @@ from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import alpha_crown, crown_ibp_margin_lower, intermediate_bounds
 from ..bounds.ibp import ibp_margin_lower
-from ..models.ops import Op, run_ops
+from ..models.ops import Network, require_chain, run_ops
 from ..registry import Registry
-from .bab import BabSettings, BranchAndBound, auto_crown_layers
-from .milp import network_milp, network_neurons
-from .rigorous import RigorousOp, crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
+from .bab import BabSettings, BranchAndBound, auto_crown_layers, check_network
+from .milp import MILP_OPS, network_milp, network_neurons
+from .rigorous import crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
 from .soundness import SafetyMargin, clean_logits64, float64_box, margin_rows, min_other
 from .verdicts import check_counterexample, project_float32
 
@@ -136,8 +141,8 @@ class CertifySettings:
 @dataclass(eq=False)
 class StageContext:
     model: nn.Module  # float32, eval mode: the authority for counterexamples
-    ops32: tuple[Op, ...]
-    ops64: tuple[Op, ...]
+    ops32: Network
+    ops64: Network
     eps: float
     num_classes: int
     settings: CertifySettings
@@ -147,7 +152,7 @@ class StageContext:
         return self.settings.data_range
 
     @functools.cached_property
-    def net(self) -> tuple[RigorousOp, ...]:
+    def net(self) -> Network:
         """The real-valued network every certificate is about (``rigorous.interval_network``)."""
         return interval_network(self.model)
 
@@ -193,6 +198,10 @@ class Stage:
 
     name = "stage"
     per_sample = False
+
+    def check_network(self, network: Network) -> None:
+        """Raise a TypeError naming what this stage cannot handle in ``network`` (a lowered
+        model); every network is accepted by default."""
 
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:  # pragma: no cover - interface
         raise NotImplementedError
@@ -348,6 +357,9 @@ class BabStage(Stage):
     name = "bab"
     per_sample = True
 
+    def check_network(self, network: Network) -> None:
+        check_network(network)
+
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
         verifier = BranchAndBound(ctx.ops32, ctx.ops64, ctx.settings.bab, ctx.settings.safety, _bab_confirm(ctx),
                                   net=ctx.net)
@@ -373,6 +385,9 @@ class BabStage(Stage):
 class MilpStage(Stage):
     name = "milp"
     per_sample = True
+
+    def check_network(self, network: Network) -> None:
+        require_chain(network, MILP_OPS, "the MILP encoding")
 
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
         settings = ctx.settings.milp

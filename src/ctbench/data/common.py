@@ -27,7 +27,8 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,)."""
+    """Images (N, C, H, W) as uint8 (the datasets'), or as floats in [0, 1] (a user's own data),
+    and labels as int64 (N,)."""
 
     images: Tensor
     labels: Tensor
@@ -228,6 +229,10 @@ def augment_batch(images: Tensor, augmentation: Augmentation, generator: torch.G
 
 
 def to_float(images: Tensor, device: torch.device | str) -> Tensor:
+    """Images as float32 in [0, 1] on ``device``: uint8 images (the datasets') are divided by
+    255, floating-point images (a user's own data, already in [0, 1]) are only cast."""
+    if images.dtype != torch.uint8:
+        return images.to(device=device, dtype=torch.float32, non_blocking=True)
     return images.to(device, non_blocking=True).float().div_(255.0)
 
 

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..bounds import Box, is_certified, worst_case_logits
 from ..bounds.crown import crown_ibp_margin_lower, crown_upper_bounds, intermediate_bounds
-from ..bounds.ibp import elided_margin_box, interval_bounds
-from ..models.ops import LinearOp
+from ..bounds.ibp import elided_margin_box, elision_input
+from ..models.ops import LinearOp, network_ops
 from .base import METHODS, Method, RobustLoss, StepInputs
 
 
@@ -48,10 +48,11 @@ def exp_chord(lower: Tensor, upper: Tensor, shift: Tensor) -> tuple[Tensor, Tens
 def fused_cross_entropy_bound(step: StepInputs, box: Box, intermediate: dict[int, Box]) -> Tensor:
     """Per-sample upper bound of max over the box of CE(f(x), y), overflow-safe (module doc)."""
     ops, labels = step.ops, step.labels
-    if not isinstance(ops[-1], LinearOp):
+    last = network_ops(ops)[-1]
+    if not isinstance(last, LinearOp):
         raise ValueError("CROWN-IBP loss fusion needs a network that ends in a Linear layer")
-    features = interval_bounds(ops[:-1], box)[-1]
-    margins = elided_margin_box(ops[-1], features, labels)  # z_y - z_i
+    features, _ = elision_input(ops, box)
+    margins = elided_margin_box(last, features, labels)  # z_y - z_i
     lower, upper = -margins.upper, -margins.lower  # m_i = z_i - z_y; entry y is exactly 0
     shift = upper.max(dim=1, keepdim=True).values.detach()
     slope, intercept = exp_chord(lower, upper, shift)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.ops import ChannelAffineOp, ConvOp, LinearOp, run_ops
+from ..models.ops import ChannelAffineOp, ConvOp, LinearOp, network_ops, run_ops, with_ops
 from .base import METHODS, Method, RobustLoss, StepInputs
 from .pgd import adversarial_point
 
@@ -47,14 +47,15 @@ class EDAC(Method):
 
     def robust_loss(self, step: StepInputs) -> RobustLoss:
         point = adversarial_point(self, step)
-        slots = _tensors(step.ops)
-        tensors = [getattr(step.ops[index], name) for index, name in slots]
+        ops = network_ops(step.ops)
+        slots = _tensors(ops)
+        tensors = [getattr(ops[index], name) for index, name in slots]
         certainty = step.logits(point).std(dim=1).mean()
         gradients = torch.autograd.grad(certainty, tensors, retain_graph=True, allow_unused=True)
-        stepped = list(step.ops)
+        stepped = list(ops)
         for (index, name), tensor, gradient in zip(slots, tensors, gradients):
             if gradient is not None:
                 stepped[index] = dataclasses.replace(stepped[index], **{name: tensor - self.options.certainty_step * gradient.detach()})
-        logits = run_ops(stepped, point)
+        logits = run_ops(with_ops(step.ops, stepped), point)
         accuracy = (logits.argmax(1) == step.labels).float().mean().item()
         return RobustLoss(F.cross_entropy(logits, step.labels), {"pgd_accuracy": accuracy, "certainty": certainty.item()})

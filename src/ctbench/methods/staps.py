@@ -15,7 +15,7 @@ from ..bounds import IBPOptions
 from .base import METHODS, RobustLoss, StepInputs
 from .ibp import ibp_loss
 from .sabr import SABR, SabrOptions, regularized_box, small_box
-from .taps import TapsOptions, taps_loss
+from .taps import TapsOptions, split_index, taps_loss
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class STAPS(SABR):
     Options = StapsOptions
 
     def robust_loss(self, step: StepInputs) -> RobustLoss:
+        split_index(step.ops, self.options.classifier_size)  # a network TAPS cannot split fails at once
         box = small_box(self, step, self.options.eps_shrink)
         if step.eps < step.eps_target:  # warm-up: SABR
             return regularized_box(ibp_loss(step, box, IBPOptions(self.options.relu_shrink)), self.options)

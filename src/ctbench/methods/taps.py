@@ -18,7 +18,6 @@ Usage: ``ctbench train mnist-0.1/taps``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from ..attacks import pgd_attack
 from ..bounds import Box, ibp_margin_lower, interval_bounds, worst_case_logits
-from ..models.ops import FlattenOp, Op, ReluOp, run_ops
+from ..models.ops import FlattenOp, Network, ReluOp, is_dag, run_ops
 from .base import METHODS, Method, RobustLoss, StepInputs
 from .ibp import ibp_loss
 
@@ -50,9 +49,13 @@ class TapsOptions:
             raise ValueError(f"method.gradient_scale must be > 0, got {self.gradient_scale}")
 
 
-def split_index(ops: Sequence[Op], classifier_size: int) -> int:
+def split_index(ops: Network, classifier_size: int) -> int:
     """Index of the first op of the head, the part after the ReLU that precedes the last
-    ``classifier_size`` ReLU layers (and after a Flatten right behind that ReLU)."""
+    ``classifier_size`` ReLU layers (and after a Flatten right behind that ReLU). The network
+    must be a chain: a DAG has no single latent tensor to attack."""
+    if is_dag(ops):
+        raise ValueError("TAPS and STAPS split a chain network into a feature extractor and a head at one ReLU "
+                         "layer; this network is a DAG (residual connections or concatenations): use another method")
     relus = [index for index, op in enumerate(ops) if isinstance(op, ReluOp)]
     if classifier_size >= len(relus):
         raise ValueError(f"method.classifier_size={classifier_size} leaves no feature extractor: the network has "
@@ -114,6 +117,7 @@ class TAPS(Method):
     Options = TapsOptions
 
     def robust_loss(self, step: StepInputs) -> RobustLoss:
+        split_index(step.ops, self.options.classifier_size)  # a network TAPS cannot split fails at once
         if step.eps < step.eps_target:
             return ibp_loss(step, step.box())
         return taps_loss(self, step, step.box(), self.options)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import Split
 from ..data.common import to_float
-from ..models.ops import BATCHNORM_TYPES, clean_forward
+from ..models.ops import batchnorm_layers, clean_forward
 from .distributed import DataParallel
 
 
@@ -23,7 +23,7 @@ def recompute_population_statistics(model: nn.Module, split: Split, batch_size: 
     """Set every BatchNorm's running statistics to the population statistics of ``split`` in
     batches of ``batch_size`` (the first ``max_batches`` of them). With ``parallel`` the ranks
     take turns over the batches and sum their moments, so all ranks set the same statistics."""
-    layers = {i: m for i, m in enumerate(model) if isinstance(m, BATCHNORM_TYPES)}
+    layers = batchnorm_layers(model)
     if not layers:
         return
     starts = list(range(0, len(split), batch_size))[:max_batches]

@@ -28,6 +28,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable ctbench checkpoint ({error.__class__.__name__}: {error})") from None
 
 
+def checkpoint_file(source: str | Path) -> Path:
+    """The weights file of ``source``: a run folder's final.pt (checkpoint.pt before the run has
+    ended), or the file itself."""
+    path = Path(source)
+    if path.is_dir():
+        return path / "final.pt" if (path / "final.pt").exists() else path / "checkpoint.pt"
+    return path
+
+
+def model_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a loaded file: a ctbench checkpoint's "model" entry, or the file's
+    own content when it is a saved ``state_dict``."""
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise CheckpointError(f"{path} holds no model weights: expected a ctbench checkpoint (final.pt, best.pt, "
+                              "checkpoint.pt) or a file saved with torch.save(model.state_dict(), path)")
+    return weights
+
+
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, naming the first mismatching tensor and the likely cause when they do not fit."""
     expected = model.state_dict()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..attacks import PGDSettings
 from ..data import Split
 from ..data.common import contiguous_part
-from ..evaluation import EvaluationResult, evaluate
+from ..evaluation import EvaluationResult, describe_attack, evaluate
 
 T = TypeVar("T")
 
@@ -169,7 +169,7 @@ def evaluate_sharded(parallel: DataParallel, model: nn.Module, split: Split, eps
         counts = [round((fraction or 0.0) * len(part)) for fraction in fractions]
     correct, certified, robust, tighter = (count / len(split) for count in parallel.sum_counts(counts))
     return EvaluationResult(len(split), eps, correct, certified, robust if attack is not None else None,
-                            tighter if crown_ibp else None)
+                            tighter if crown_ibp else None, describe_attack(attack))
 
 
 def start_data_parallel(device: torch.device) -> DataParallel:

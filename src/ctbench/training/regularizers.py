@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..bounds import Box
 from ..models import Normalize
-from ..models.ops import Op, ReluOp
+from ..models.ops import INPUT, Network, ReluOp, network_ops, source_of
 
 
 def l1_penalty(model: nn.Module) -> Tensor:
@@ -17,11 +17,11 @@ def l1_penalty(model: nn.Module) -> Tensor:
     return sum(w.abs().sum() for w in weights)
 
 
-def shi_input_box(model: nn.Sequential, box: Box, space: str) -> Box:
-    """The input box of the tightness term: after the network's normalization layer
-    ("normalized", radius eps/std, as in Shi et al.'s code, where data is normalized before the
-    net, and the reference), or the pixel-space box ("pixel")."""
-    first = model[0]
+def shi_input_box(model: nn.Module, box: Box, space: str) -> Box:
+    """The input box of the tightness term: after the network's normalization layer, its first
+    child ("normalized", radius eps/std, as in Shi et al.'s code, where data is normalized before
+    the net, and the reference), or the pixel-space box ("pixel")."""
+    first = next(model.children(), None)
     if space == "pixel" or not isinstance(first, Normalize):
         return box
     return Box(first(box.lower), first(box.upper))
@@ -32,7 +32,7 @@ def own_sums(sums: Tensor) -> Tensor:
     return sums
 
 
-def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], tolerance: float = 0.5,
+def shi_warmup_penalty(ops: Network, input_box: Box, boxes: Sequence[Box], tolerance: float = 0.5,
                        total: Callable[[Tensor], Tensor] = own_sums) -> Tensor:
     """Shi et al. 2021, averaged over ReLU layers, from the IBP boxes of the pre-activations:
 
@@ -43,7 +43,8 @@ def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], 
       active to (minus) inactive neurons, and again for the ratio of their spreads around the
       layer mean, which keeps IBP from killing one side of the ReLUs.
 
-    ``boxes[i]`` bounds the output of ``ops[i]``; the input of a ReLU at i is boxes[i - 1]. The
+    ``boxes[i]`` bounds the output of node i; the input of a ReLU at i is the box of the node it
+    reads (boxes[i - 1] in a chain); a ReLU on the network input adds no term. The
     means are batch-level, so every one is a sum divided by a count, and ``total`` turns a vector
     of this batch's sums into the sums the means are taken over: in data-parallel training, a
     differentiable all_reduce over the ranks, so the penalty is that of the global batch."""
@@ -52,10 +53,11 @@ def shi_warmup_penalty(ops: Sequence[Op], input_box: Box, boxes: Sequence[Box], 
     tightness = input_radius.new_zeros(())
     balance = input_radius.new_zeros(())
     layers = 0
-    for index, op in enumerate(ops):
-        if not isinstance(op, ReluOp) or index == 0 or index - 1 >= len(boxes):
+    for index, op in enumerate(network_ops(ops)):
+        source = source_of(ops, index)
+        if not isinstance(op, ReluOp) or source == INPUT or source >= len(boxes):
             continue
-        pre = boxes[index - 1]
+        pre = boxes[source]
         center, radius = pre.center, pre.radius
         active, inactive = (pre.lower > 0).to(center.dtype), (pre.upper < 0).to(center.dtype)
         radius_sum, center_sum, active_sum, inactive_sum, count = total(torch.stack(

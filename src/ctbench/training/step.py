@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from ..bounds import interval_bounds, linf_box
 from ..config import TrainConfig
 from ..methods import Method, RobustLoss, StepInputs
-from ..models.ops import BatchNormStats, Op, Statistics, batch_statistics, clean_forward, lower_network, run_ops
+from ..models.ops import (
+    BatchNormStats, Network, Statistics, batch_statistics, clean_forward, lower_network, network_prefix, run_ops,
+)
 from .distributed import DataParallel
 from .regularizers import l1_penalty, own_sums, shi_input_box, shi_warmup_penalty
 
@@ -87,7 +89,7 @@ def _sub_batch_loss(model: nn.Module, method: Method, config: TrainConfig, setti
     return loss, metrics
 
 
-def _shi_penalty(model: nn.Module, ops: tuple[Op, ...], images: Tensor, eps: float, robust: RobustLoss,
+def _shi_penalty(model: nn.Module, ops: Network, images: Tensor, eps: float, robust: RobustLoss,
                  config: TrainConfig, total: Callable[[Tensor], Tensor]) -> Tensor:
     """Shi et al.'s regularizer on the box the method bounded (the eps box; SABR's small box),
     else on the eps box; eps at least 1e-6 (the reference)."""
@@ -95,7 +97,7 @@ def _shi_penalty(model: nn.Module, ops: tuple[Op, ...], images: Tensor, eps: flo
         box, boxes = robust.ibp_input_box, robust.ibp_boxes
     else:
         box = linf_box(images, max(eps, 1e-6))
-        boxes = interval_bounds(ops[:-1], box)
+        boxes = interval_bounds(network_prefix(ops, len(ops) - 1), box)
     regularization = config.regularization
     return shi_warmup_penalty(ops, shi_input_box(model, box, regularization.shi_input_space), boxes,
                               regularization.shi_tolerance, total)

@@ -3,10 +3,18 @@
 A run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (written atomically
 after every epoch: weights, optimizer, SWA average, best-so-far), ``best.pt`` (the weights
 selected on the validation split), ``final.pt`` (the model the run hands on: the best epoch, or
-the SWA average), ``metrics.jsonl`` (one line per epoch) and ``results.json`` (test numbers).
+the SWA average), ``results.json`` (test numbers) and the logs of ``runlog`` (metrics.jsonl and
+metrics.csv, one row per epoch, TensorBoard scalars, environment.json). Epochs are counted from
+1 in everything a person reads (logs, messages, results); the config's epoch keys
+(lr_milestones, eps ramp, swa.start_epoch) and the checkpoints' "epoch" count from 0.
 Every epoch seeds its own random streams from (seed, epoch), so a run resumed from its last
 checkpoint ends exactly where an uninterrupted one would. A new run that fails before its first
 checkpoint removes what it wrote; a diverging run (``OptimConfig``) stops and keeps its last checkpoint.
+A resumed run must have the config it was started with, except the keys of ``SAFE_CHANGES``
+with ``allow_change`` (more epochs, evaluation and runtime settings).
+
+The Trainer prints nothing: ``progress`` may wrap the batches of each epoch, validation and test
+(a progress bar), and ``on_epoch`` receives each epoch's record (the command line prints it).
 
 Under torchrun (``distributed``) every rank runs this loop on its part of each global batch;
 rank 0 alone reads and writes the run folder.
@@ -14,7 +22,7 @@ rank 0 alone reads and writes the run folder.
 from __future__ import annotations
 
 import dataclasses
-import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +32,27 @@ import torch
 from torch import nn
 
 from ..attacks import PGDSettings
-from ..config import ConfigError, TrainConfig, config_to_dict, dump_yaml, saved_config_from_dict
+from ..config import (
+    SAFE_CHANGES, ConfigError, TrainConfig, config_changes, config_to_dict, dump_yaml, saved_config_from_dict,
+)
 from ..data import Dataset, Split, iterate_batches, load_dataset, num_batches, split_validation
 from ..evaluation import EvaluationResult, evaluate
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..methods import METHODS, Method
 from ..models import build_model, initialize
 from .batchnorm import recompute_population_statistics
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError, checkpoint_file, load_checkpoint, load_model_state, model_weights, save_checkpoint,
+)
 from .distributed import DataParallel, evaluate_sharded
 from .divergence import DivergenceError, DivergenceMonitor
+from .runlog import CSV_FILE, ENVIRONMENT_FILE, METRICS_FILE, TENSORBOARD_DIR, TensorBoardLog, append_metrics
+from .runlog import finish_session, keep_metrics_until, start_session
 from .schedules import eps_at, lr_at
 from .step import StepSettings, training_step
 
 ProgressFactory = Callable[[Iterable, int, str], Iterable]
+EpochCallback = Callable[[dict], None]
 
 
 def available_devices() -> list[str]:
@@ -99,6 +114,15 @@ def selection_metric(config: TrainConfig, method: Method) -> str:
     return "certified" if method.certified else "adversarial"
 
 
+def _change_problem(key: str, value, epochs_done: int) -> str | None:
+    """Why a resume may not change ``key`` to ``value``, or None when it may (``SAFE_CHANGES``)."""
+    if key not in SAFE_CHANGES:
+        return "a resume may not change it: the run would train under two configs"
+    if key == "optim.epochs" and value < epochs_done:
+        return f"fewer than the {epochs_done} epochs already trained"
+    return None
+
+
 def _as_dict(result: EvaluationResult | None) -> dict | None:
     return None if result is None else result.as_dict()
 
@@ -128,15 +152,24 @@ class _Average:
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, progress: ProgressFactory | None = None,
                  dataset: Dataset | None = None, final_test: bool = True,
-                 parallel: DataParallel | None = None) -> None:
+                 parallel: DataParallel | None = None, model: nn.Sequential | None = None,
+                 init_from: str | Path | None = None, on_epoch: EpochCallback | None = None,
+                 allow_change: bool = False) -> None:
         """``final_test``: evaluate the handed-on model on the test set at the end (results.json
         "test"); a hyper-parameter sweep passes False, so that it never sees the test set.
-        ``parallel`` (``start_data_parallel``): train as one rank of a data-parallel job, on its device."""
+        ``parallel`` (``start_data_parallel``): train as one rank of a data-parallel job, on its device.
+        ``model``: train this network, in place, instead of building config.model.architecture;
+        model.init initializes it ("keep": train it from the weights it has).
+        ``init_from``: a new run starts from these weights (``checkpoint_file``: a run folder,
+        a ctbench checkpoint or a saved state_dict). ``on_epoch(record)``: called with each
+        epoch's metrics.jsonl record. ``allow_change``: a resume may change ``SAFE_CHANGES``."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.final_test = final_test
         self.parallel = parallel
         self.progress = progress or (lambda iterable, total, description: iterable)
+        self.on_epoch = on_epoch
+        self.allow_change = allow_change
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = parallel.device if parallel else resolve_device(config.device)
@@ -147,8 +180,13 @@ class Trainer:
         self.train_split, self.validation_split = split_validation(train, data.validation_size, config.seed)
         self.augmentation = dataclasses.replace(self.dataset.augmentation, padding_mode=data.padding_mode)
         torch.manual_seed(config.seed)
-        self.model = build_model_for(config, self.dataset.spec).to(self.device)
-        initialize(self.model, init_name(config, self.method))
+        self.custom_model = model is not None
+        self.model = (model if model is not None else build_model_for(config, self.dataset.spec)).to(self.device)
+        if init_name(config, self.method) != "keep":
+            initialize(self.model, init_name(config, self.method))
+        self.init_from = None if init_from is None else checkpoint_file(init_from)
+        if self.init_from is not None:
+            self._load_initial_weights(self.init_from)
         if parallel:
             parallel.broadcast_module(self.model)
         self.memory_format = torch.channels_last if config.memory_format == "channels_last" else torch.contiguous_format
@@ -157,6 +195,13 @@ class Trainer:
         self.selection = selection_metric(config, self.method)
         self.divergence = DivergenceMonitor(config.optim.divergence_factor)
         self._created_run_dir = False
+        self.tensorboard: TensorBoardLog | None = None
+
+    def _load_initial_weights(self, path: Path) -> None:
+        """Set the model's weights to those of ``path`` (read by the main process); a network of
+        another shape is an error that names the first differing tensor."""
+        weights = self._on_main(lambda: model_weights(load_checkpoint(path), path))
+        load_model_state(self.model, weights, f"the initial weights {path}")
 
     def _training_images(self) -> Split:
         """The first train_subset + validation_size training images (all of them without a subset)."""
@@ -203,39 +248,80 @@ class Trainer:
             self._created_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.config, self.run_dir / "config.yaml")
-            atomic_write_text(self.run_dir / "metrics.jsonl", "")
+            keep_metrics_until(self.run_dir, 0)
+            start_session(self.run_dir, self._session_details(first_epoch=1))
             return None
+        if self.init_from is not None:
+            raise ConfigError("init_from starts a new run from trained weights and resume continues a run from its "
+                              "own checkpoint: use one of them (--init-from or --resume)")
         if not self.checkpoint_path.exists():
             raise CheckpointError(f"cannot resume: no checkpoint.pt in {self.run_dir}")
         state = load_checkpoint(self.checkpoint_path)
+        if state.get("custom_model") and not self.custom_model:
+            raise CheckpointError(f"cannot resume {self.run_dir}: it trains a network given to ctbench.train, "
+                                  "which its config cannot rebuild; resume it with ctbench.train(..., "
+                                  "model=that network, resume=True)")
+        epochs_done = state["epoch"] + 1
         # compare as typed configs, so keys added with defaults since the run started do not count
-        if saved_config_from_dict(state.get("config", {})) != self.config:
-            raise CheckpointError(f"cannot resume {self.run_dir}: its config differs from the one given; "
-                                  "resume with the run's own config (ctbench train --resume RUN_DIR)")
-        self._truncate_metrics(state["epoch"])
+        changes = self._allowed_changes(saved_config_from_dict(state.get("config", {})), epochs_done)
+        if changes:
+            dump_yaml(self.config, self.run_dir / "config.yaml")
+        keep_metrics_until(self.run_dir, epochs_done)
+        start_session(self.run_dir, self._session_details(first_epoch=epochs_done + 1, changed=changes))
         return state
 
-    def _truncate_metrics(self, last_epoch: int) -> None:
-        """Drop log lines of epochs after the checkpoint (a run killed between the two writes)."""
-        path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    def _allowed_changes(self, saved: TrainConfig, epochs_done: int) -> dict[str, list]:
+        """{key: [run's value, given value]} for the keys the given config changes; an error that
+        names every changed key unless each is in SAFE_CHANGES and ``allow_change`` is set."""
+        changes = config_changes(saved, self.config)
+        if not changes:
+            return {}
+        problems = {key: _change_problem(key, new, epochs_done) for key, (_, new) in changes.items()}
+        if any(problems.values()) or not self.allow_change:
+            lines = [f"{key}: {old!r} in the run, {new!r} given ({problems[key] or 'may change with --allow-change'})"
+                     for key, (old, new) in changes.items()]
+            fix = ("resume with the run's own config (ctbench train RUN_DIR --resume), or start a new run from its "
+                   "weights (--init-from RUN_DIR)" if any(problems.values())
+                   else "pass --allow-change (allow_change=True) to resume with these changes")
+            raise CheckpointError(f"cannot resume {self.run_dir}: its config differs from the one given in "
+                                  f"{len(changes)} key(s): " + "; ".join(lines) + f". To go on, {fix}")
+        return {key: list(values) for key, values in changes.items()}
+
+    def _session_details(self, first_epoch: int, changed: dict | None = None) -> dict:
+        """What environment.json records of this session besides the environment."""
+        world_size = self.parallel.shard[1] if self.parallel else 1
+        return {"device": str(self.device), "world_size": world_size, "first_epoch": first_epoch,
+                "model": "given by the caller" if self.custom_model else self.config.model.architecture,
+                "dataset": self.dataset.name, "init_from": None if self.init_from is None else str(self.init_from),
+                "changed": changed or {}}
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
+        """Train (a new run, or the rest of the run in the folder with ``resume``); returns
+        results.json's content."""
         first_epoch, best, average = self._start(resume)
+        if self.is_main:
+            self.tensorboard = TensorBoardLog(self.run_dir, first_epoch + 1)
         try:
             return self._run_epochs(first_epoch, best, average)
         except BaseException:
+            self._close_tensorboard()
             if self.is_main and not self.checkpoint_path.exists():
                 self._remove_unstarted_run()
             raise
+        finally:
+            self._close_tensorboard()
+
+    def _close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def _remove_unstarted_run(self) -> None:
         """A new run that failed before its first checkpoint leaves no half-made run folder."""
-        for name in ("config.yaml", "metrics.jsonl", "best.pt"):
+        for name in ("config.yaml", METRICS_FILE, CSV_FILE, ENVIRONMENT_FILE, "best.pt"):
             (self.run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         if self._created_run_dir and not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
 
@@ -246,8 +332,10 @@ class Trainer:
             self._recompute_population_statistics()
             if self._swa_active(epoch) and config.swa.every_steps is None:
                 average.update(self.model)
+            started = time.perf_counter()
             validation = self._validate()
             record["validation"] = _as_dict(validation)
+            record["validation_seconds"] = time.perf_counter() - started
             value = self._selection_value(validation) if validation is not None else 0.0
             eligible = epoch + 1 >= config.eps.ramp_end_epoch  # only models trained at the full eps
             if eligible and (self.selection == "last" or value >= best["value"]):
@@ -257,18 +345,22 @@ class Trainer:
             self._save(self.checkpoint_path, {
                 "format": 1, "epoch": epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "best": best,
-                "swa": {"state": average.state, "count": average.count}, "config": config_to_dict(config)})
-            self._on_main(lambda: self._append_metrics(record))
+                "swa": {"state": average.state, "count": average.count}, "config": config_to_dict(config),
+                **self._model_origin()})
+            self._on_main(lambda: self._log_epoch(record))
         return self._finish(best, average)
 
     def _save(self, path: Path, state: dict) -> None:
         """Write a checkpoint (atomically) from the main process; an error reaches every rank."""
         self._on_main(lambda: save_checkpoint(path, state))
 
-    def _append_metrics(self, record: dict) -> None:
-        """Add the epoch's line to metrics.jsonl, rewriting the file atomically."""
-        path = self.run_dir / "metrics.jsonl"
-        atomic_write_text(path, (path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
+    def _log_epoch(self, record: dict) -> None:
+        """The epoch's record to metrics.jsonl, metrics.csv, TensorBoard and ``on_epoch``."""
+        append_metrics(self.run_dir, record)
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def _recompute_population_statistics(self) -> None:
         config = self.config
@@ -313,7 +405,7 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{metrics.get('robust_loss', metrics['natural_loss']):.3f}", eps=f"{eps:.3f}")
         self.model.eval()
-        return {"epoch": epoch, "lr": lr_at(config.optim, epoch), "eps": eps,
+        return {"epoch": epoch + 1, "lr": lr_at(config.optim, epoch), "eps": eps,
                 "train": {k: v / batches for k, v in totals.items()},
                 "train_seconds": time.perf_counter() - started}
 
@@ -339,14 +431,15 @@ class Trainer:
         if not len(self.validation_split):
             return None
         attack = self._attack_settings() if self.selection == "adversarial" else None
-        return self._evaluate(self.validation_split, attack, None, self.selection == "certified")
+        return self._evaluate(self.validation_split, attack, None, self.selection == "certified", "validation")
 
     def _evaluate(self, split: Split, attack: PGDSettings | None, count: int | None,
-                  crown_ibp: bool) -> EvaluationResult:
+                  crown_ibp: bool, description: str) -> EvaluationResult:
         """``evaluate`` at the test eps; under torchrun each rank takes a part and the counts are summed."""
         arguments = (self.config.eps.test_eps, self.device, self.config.evaluation.batch_size)
         if self.parallel is None:
-            return evaluate(self.model, split, *arguments, attack=attack, count=count, crown_ibp=crown_ibp)
+            return evaluate(self.model, split, *arguments, attack=attack, count=count, crown_ibp=crown_ibp,
+                            progress=self.progress, description=description)
         return evaluate_sharded(self.parallel, self.model, split.head(count), *arguments, attack=attack,
                                 crown_ibp=crown_ibp)
 
@@ -359,29 +452,34 @@ class Trainer:
 
     def _model_record(self, epoch: int) -> dict:
         return {"format": 1, "epoch": epoch, "model": self.model.state_dict(),
-                "config": config_to_dict(self.config)}
+                "config": config_to_dict(self.config), **self._model_origin()}
+
+    def _model_origin(self) -> dict:
+        """Marks the weights of a network given by the caller: the config cannot rebuild it."""
+        return {"custom_model": True} if self.custom_model else {}
 
     def _finish(self, best: dict, average: _Average) -> dict:
         config = self.config
         if average.state is not None:
             self.model.load_state_dict(average.state)
             self._recompute_population_statistics()
-            source = f"SWA of {average.count} snapshots over epochs {config.swa.start_epoch}-{config.optim.epochs - 1}"
+            source = f"SWA of {average.count} snapshots over epochs {config.swa.start_epoch + 1}-{config.optim.epochs}"
         elif best["epoch"] is not None:
             state = self._on_main(lambda: load_checkpoint(self.run_dir / "best.pt")["model"])
             load_model_state(self.model, state, "best.pt")
-            source = (f"epoch {best['epoch']} (the last)" if self.selection == "last"
-                      else f"epoch {best['epoch']} (best validation {self.selection})")
+            source = (f"epoch {best['epoch'] + 1} (the last)" if self.selection == "last"
+                      else f"epoch {best['epoch'] + 1} (best validation {self.selection})")
         else:
             source = "last epoch"
         self._save(self.run_dir / "final.pt", {**self._model_record(best["epoch"]), "source": source})
         test = self._evaluate_test() if self.final_test else None
         results = {"model": source, "test": _as_dict(test), "validation": _as_dict(self._validate()),
-                   "method": config.method.name, "dataset": config.data.dataset}
+                   "method": config.method.name, "dataset": self.dataset.name}
         self._on_main(lambda: atomic_write_json(self.run_dir / "results.json", results))
+        self._on_main(lambda: finish_session(self.run_dir))
         return results
 
     def _evaluate_test(self) -> EvaluationResult:
         """The final numbers: the first evaluation.final_test_count test samples."""
         return self._evaluate(self.dataset.test, self._attack_settings(), self.config.evaluation.final_test_count,
-                              self.method.certified)
+                              self.method.certified, "test")

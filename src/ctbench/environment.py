@@ -1,0 +1,34 @@
+"""What a run or a phase ran with: versions, the source's git commit, threads, host."""
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+
+
+def environment() -> dict[str, Any]:
+    """ctbench, torch and Python versions, torch CPU threads, host, git commit, CUDA version."""
+    return {"ctbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "host": platform.node(), "git_commit": git_commit(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the git checkout ctbench runs from ("+dirty" with local changes), or None."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

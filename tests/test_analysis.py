@@ -22,12 +22,7 @@ from ctbench.bounds import linf_box
 from ctbench.models.ops import ChannelAffineOp, ConvOp, LinearOp, ReluOp, lower_network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------

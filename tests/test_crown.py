@@ -18,14 +18,7 @@ from ctbench.bounds.crown import (
 from ctbench.models import Normalize
 from ctbench.models.ops import ConvOp, LinearOp, ReluOp, lower_network, run_ops
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronization (badly so on a busy
-    machine), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(max_examples=10, deadline=None, database=None)

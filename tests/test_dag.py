@@ -31,12 +31,7 @@ from ctbench.models.ops import (
 from helpers import POOLS, random_dag_network, random_inputs, random_network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)

@@ -20,12 +20,7 @@ from ctbench.data import Split
 SPEC = InputSpec(1, 12, 4, (0.1,), (0.9,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_resnet(seed: int = 0, batch_norm: bool = True) -> torch.nn.Module:

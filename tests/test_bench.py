@@ -252,6 +252,52 @@ def test_cli_table_and_export(synthetic_db, tmp_path, capsys):
     assert "no results database" in capsys.readouterr().err
 
 
+def test_an_exported_database_imports_into_a_fresh_one_and_its_jobs_count_as_done(synthetic_db, tmp_path, capsys):
+    suite, connection, root = synthetic_db
+    exported = tmp_path / "kept.json"
+    assert main(["bench", "export", "--db", str(tmp_path / "db.sqlite"), "--json", str(exported),
+                 "--no-verdicts"]) == 0
+    assert "verdicts" not in json.loads(exported.read_text())
+    fresh = tmp_path / "fresh.sqlite"
+    for _ in range(2):  # importing twice changes nothing
+        assert main(["bench", "import", str(exported), "--db", str(fresh)]) == 0
+    before = count_rows(tmp_path / "db.sqlite")
+    assert count_rows(fresh) == {**before, "verdicts": 0}
+    with sqlite3.connect(fresh) as imported:
+        assert imported.execute("SELECT COUNT(*) FROM jobs WHERE status = 'done'").fetchone()[0] == 5
+    # the run folders are not on this machine: the done jobs are skipped, the missing seed is not
+    done_here = [job for job in suite.jobs if (job.method, job.seed) in SYNTHETIC]
+    shutil.rmtree(root)
+    from ctbench.bench.runner import BenchReport, _skip_done
+
+    report = BenchReport(suite.name)
+    with connect(fresh) as reopened:
+        todo = _skip_done(reopened, suite.jobs, root, report)
+    assert len(report.skipped) == len(done_here) == 5 and [job.label for job in todo] == ["mnist-0.1/sabr seed 2"]
+    assert accuracy_table(connect(fresh), suite).rows[0].cells["ours_seeds"].text == "3/3"
+
+
+def test_import_refuses_what_is_not_an_export(tmp_path, capsys):
+    (tmp_path / "other.json").write_text(json.dumps({"meta": [{"key": "schema_version", "value": "99"}], "runs": []}))
+    assert main(["bench", "import", str(tmp_path / "other.json"), "--db", str(tmp_path / "db.sqlite")]) == 2
+    assert "schema version 99" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[]")
+    assert main(["bench", "import", str(tmp_path / "list.json"), "--db", str(tmp_path / "db.sqlite")]) == 2
+    assert "is not a `ctbench bench export --json` file" in capsys.readouterr().err
+
+
+def test_only_selects_jobs_by_setting_method_and_seed(capsys):
+    from ctbench.bench.suites import select_jobs
+
+    suite = load_suite("mnist-mini")
+    labels = [job.label for job in select_jobs(suite, ["mnist-mini-0.1/crown_ibp"]).jobs]
+    assert labels == [f"mnist-mini-0.1/crown_ibp seed {seed}" for seed in (0, 1, 2)]
+    labels = [job.label for job in select_jobs(suite, ["*/ibp/seed1", "mnist-mini-0.3/sabr"]).jobs]
+    assert labels == ["mnist-mini-0.1/ibp seed 1", "mnist-mini-0.3/ibp seed 1", "mnist-mini-0.3/sabr seed 0"]
+    with pytest.raises(SuiteError, match="matches no job of suite mnist-mini"):
+        select_jobs(suite, ["mnist-mini-0.1/crown-ibp"])
+
+
 def test_reference_data_carries_its_sources():
     reference = load_reference()
     records = {(r.setting, r.method, r.source): r for r in reference.figures}

@@ -1,9 +1,11 @@
 """``ctbench bench``: run a benchmark suite, print its tables, export its results.
 
-    ctbench bench run SUITE [--seeds 0,1,2] [--workers N] [--root runs/bench] [--db PATH] [--threads T]
+    ctbench bench run SUITE [--seeds 0,1,2] [--only SETTING/METHOD[/seedK]] [--workers N] [--root runs/bench]
+                      [--db PATH] [--threads T] [--executor local|slurm|submitit-local] [--slurm-... ]
     ctbench bench table SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
     ctbench bench times SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
-    ctbench bench export [--csv DIR] [--json FILE] [--cards DIR] [--suite NAME] [--db PATH]
+    ctbench bench export [--csv DIR] [--json FILE] [--cards DIR] [--suite NAME] [--no-verdicts] [--db PATH]
+    ctbench bench import FILE.json [--db PATH]
     ctbench bench report SUITE [--db PATH] [--out FILE.html] [--figures DIR] [--seeds ...]
     ctbench bench suites
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
+from .cluster import DEFAULT_TIME_MINUTES, EXECUTORS
 from .formats import FORMATS
 from .runner import Monitor
 from .store import StoreError
@@ -33,10 +36,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a suite's missing jobs (train, certify, analyses); skips done ones")
     _add_suite_options(run)
     run.add_argument("--workers", type=_at_least_one, default=1,
-                     help="jobs in parallel processes; the CPU threads are split between them")
+                     help="jobs in parallel processes (also with --executor submitit-local); the CPU threads are "
+                          "split between them")
     run.add_argument("--root", default=str(DEFAULT_ROOT), help="folder of the run folders (default: runs/bench)")
     run.add_argument("--threads", type=_at_least_one, help="torch CPU threads in all (default: every core)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                     help="run only the jobs matching SETTING/METHOD[/seedK] (shell wildcards; repeatable), "
+                          "e.g. 'mnist-mini-0.1/sabr' or '*/crown_ibp/seed0'")
+    _add_executor_options(run)
     run.set_defaults(run=cmd_run, on_interrupt=_interrupted)
 
     for name, about in (("table", "Table 1: natural, certified and adversarial accuracy beside the literature"),
@@ -61,8 +69,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     export.add_argument("--cards", metavar="DIR", help="model cards, DIR/<dataset>/Linf/<name>.json (default: "
                         "model_info/ in the --csv folder, else next to the --json file)")
     export.add_argument("--suite", help="only this suite's rows")
+    export.add_argument("--no-verdicts", action="store_true",
+                        help="leave the per-sample verdicts out of --json and --csv (the summaries stay)")
     export.add_argument("--db", default=str(DEFAULT_ROOT / DATABASE_FILE), help="results database")
     export.set_defaults(run=cmd_export)
+
+    load = commands.add_parser("import", help="read a `bench export --json` file into a results database, so "
+                               "that its done jobs count as done (e.g. results kept from another machine)")
+    load.add_argument("json", metavar="FILE", help="a file written by `ctbench bench export --json`")
+    load.add_argument("--db", default=str(DEFAULT_ROOT / DATABASE_FILE), help="results database (created if missing)")
+    load.set_defaults(run=cmd_import)
 
     suites = commands.add_parser("suites", help="list the shipped suites")
     suites.set_defaults(run=cmd_suites)
@@ -86,9 +102,10 @@ def _at_least_one(text: str) -> int:
 
 
 def _suite(args):
-    from .suites import load_suite, parse_seeds
+    from .suites import load_suite, parse_seeds, select_jobs
 
-    return load_suite(args.suite, parse_seeds(args.seeds) if args.seeds else None)
+    suite = load_suite(args.suite, parse_seeds(args.seeds) if args.seeds else None)
+    return select_jobs(suite, args.only) if getattr(args, "only", None) else suite
 
 
 def _database(args) -> Path:
@@ -146,7 +163,8 @@ def cmd_run(args) -> int:
     suite = _suite(args)
     database = _database(args)
     monitor = Monitor() if args.quiet else BarMonitor(suite.name)
-    report = run_suite(suite, Path(args.root), database, workers=args.workers, threads=args.threads, monitor=monitor)
+    report = run_suite(suite, Path(args.root), database, workers=args.workers, threads=args.threads, monitor=monitor,
+                       submitit=_submitit_options(args))
     print(f"suite {suite.name}: {len(report.done)} done now, {len(report.skipped)} done before, "
           f"{len(report.failed)} failed; database {database}")
     for label, error in report.failed:
@@ -154,6 +172,59 @@ def cmd_run(args) -> int:
     if report.failed:
         print("rerun the same command to retry the failed and resume the interrupted jobs")
     return 1 if report.failed else 0
+
+
+SLURM_OPTIONS = ("slurm_partition", "slurm_time", "slurm_gpus_per_job", "slurm_cpus_per_job", "slurm_mem_gb",
+                 "slurm_folder", "slurm_arg")
+
+
+def _add_executor_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: processes on this machine (default); slurm: one SLURM job per run folder, submitted "
+                          "with submitit (pip install 'ctbench[cluster]'); submitit-local: the same through submitit's "
+                          "local executor, without a scheduler")
+    slurm = run.add_argument_group("--executor slurm (submitit-local uses only --slurm-time, --slurm-gpus-per-job "
+                                   "and --slurm-folder)")
+    slurm.add_argument("--slurm-partition", help="the partition (default: the cluster's)")
+    slurm.add_argument("--slurm-time", type=_at_least_one, metavar="MINUTES",
+                       help=f"time limit of each job (default: {DEFAULT_TIME_MINUTES}); a job that reaches it is "
+                            "requeued and resumes from its checkpoint")
+    slurm.add_argument("--slurm-gpus-per-job", type=_at_least_one, metavar="N", help="GPUs of each job (default: none)")
+    slurm.add_argument("--slurm-cpus-per-job", type=_at_least_one, metavar="N",
+                       help="CPUs of each job, also its torch threads (default: the cluster's)")
+    slurm.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory of each job (default: the cluster's)")
+    slurm.add_argument("--slurm-folder", metavar="DIR",
+                       help="submitit's scripts, logs and pickles; %%j is the job id (default: ROOT/submitit/%%j)")
+    slurm.add_argument("--slurm-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                       help="any other sbatch option, e.g. account=abc, qos=high or exclusive (repeatable)")
+
+
+def _submitit_options(args):
+    """The submitit options of --executor slurm or submitit-local; None for local processes."""
+    from .cluster import SubmititOptions
+
+    if args.executor == "local":
+        given = [name for name in SLURM_OPTIONS if getattr(args, name)]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} needs --executor slurm (or submitit-local)")
+        return None
+    folder = Path(args.slurm_folder) if args.slurm_folder else Path(args.root) / "submitit" / "%j"
+    return SubmititOptions(cluster="slurm" if args.executor == "slurm" else "local", folder=folder,
+                           partition=args.slurm_partition, time_minutes=args.slurm_time or DEFAULT_TIME_MINUTES,
+                           gpus_per_job=args.slurm_gpus_per_job, cpus_per_job=args.slurm_cpus_per_job,
+                           mem_gb=args.slurm_mem_gb, slurm_args=_slurm_args(args.slurm_arg))
+
+
+def _slurm_args(items: list[str]) -> dict[str, str | bool]:
+    """--slurm-arg KEY=VALUE as {KEY: VALUE}; a bare KEY is an sbatch flag without a value."""
+    options: dict[str, str | bool] = {}
+    for item in items:
+        key, has_value, value = item.partition("=")
+        if not key.strip():
+            raise ConfigError(f"--slurm-arg {item!r}: expected KEY=VALUE (an sbatch option without its dashes), "
+                              "e.g. account=abc")
+        options[key.strip()] = value if has_value else True
+    return options
 
 
 def _interrupted(args) -> str:
@@ -224,13 +295,28 @@ def cmd_export(args) -> int:
     connection = connect(Path(args.db), create=False)
     try:
         if args.csv:
-            print(f"csv: {len(export_csv(connection, Path(args.csv), args.suite))} tables in {args.csv}")
+            tables = export_csv(connection, Path(args.csv), args.suite, verdicts=not args.no_verdicts)
+            print(f"csv: {len(tables)} tables in {args.csv}")
         if args.json:
-            print(f"json: {export_json(connection, Path(args.json), args.suite)}")
+            print(f"json: {export_json(connection, Path(args.json), args.suite, verdicts=not args.no_verdicts)}")
         cards = _cards_folder(args)
         print(f"model cards: {len(export_cards(connection, cards, args.suite))} in {cards}")
     finally:
         connection.close()
+    return 0
+
+
+@_reporting_store_errors
+def cmd_import(args) -> int:
+    from .export import import_json
+    from .store import connect
+
+    connection = connect(Path(args.db))
+    try:
+        counts = import_json(connection, Path(args.json))
+    finally:
+        connection.close()
+    print(f"imported {args.json} into {args.db}: " + ", ".join(f"{n} {table}" for table, n in counts.items() if n))
     return 0
 
 

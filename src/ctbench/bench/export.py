@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json, atomic_write_text
-from .store import TABLES, StoreError
+from .store import SCHEMA_VERSION, TABLES, StoreError, transaction
 
 JSON_COLUMNS = {"definition", "config", "trainer_test", "overrides", "certify", "analyses", "metrics",
                 "certified_by_stage", "falsified_by_stage", "seconds_by_stage", "provenance", "spec", "result",
@@ -43,11 +43,17 @@ def check_suite(connection: sqlite3.Connection, suite: str | None) -> None:
         raise StoreError(f"the database holds no suite {suite!r}; it holds: {', '.join(known) or 'none'}")
 
 
-def export_csv(connection: sqlite3.Connection, folder: Path, suite: str | None = None) -> list[Path]:
-    """``<folder>/<table>.csv`` for every table (JSON columns stay JSON text)."""
+def _tables(verdicts: bool) -> tuple[str, ...]:
+    return TABLES if verdicts else tuple(table for table in TABLES if table != "verdicts")
+
+
+def export_csv(connection: sqlite3.Connection, folder: Path, suite: str | None = None,
+               verdicts: bool = True) -> list[Path]:
+    """``<folder>/<table>.csv`` for every table (JSON columns stay JSON text); ``verdicts=False``
+    leaves out the per-sample verdicts."""
     check_suite(connection, suite)
     written = []
-    for table in TABLES:
+    for table in _tables(verdicts):
         cursor = _select(connection, table, suite)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -64,12 +70,49 @@ def _plain_row(row: sqlite3.Row) -> dict[str, Any]:
             for key in row.keys()}
 
 
-def export_json(connection: sqlite3.Connection, path: Path, suite: str | None = None) -> Path:
-    """One JSON object {table: [rows]}, JSON columns decoded."""
+def export_json(connection: sqlite3.Connection, path: Path, suite: str | None = None, verdicts: bool = True) -> Path:
+    """One JSON object {table: [rows]}, JSON columns decoded; ``verdicts=False`` leaves out the
+    per-sample verdicts."""
     check_suite(connection, suite)
-    data = {table: [_plain_row(row) for row in _select(connection, table, suite)] for table in TABLES}
+    data = {table: [_plain_row(row) for row in _select(connection, table, suite)] for table in _tables(verdicts)}
     atomic_write_json(Path(path), data)
     return Path(path)
+
+
+def import_json(connection: sqlite3.Connection, path: Path) -> dict[str, int]:
+    """Read an ``export_json`` file into the database in one transaction: each row replaces the
+    row of the same key (a job, a run, a sample), so importing twice changes nothing. The file
+    must have this database's schema version; returns the rows read per table."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no export file {path}; write one with `ctbench bench export --json FILE`") from None
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{path} is not JSON ({error}); give a file written by `ctbench bench export --json`") \
+            from None
+    if not isinstance(data, dict) or not set(data) <= set(TABLES) or "runs" not in data:
+        raise StoreError(f"{path} is not a `ctbench bench export --json` file (expected an object of the tables "
+                         f"{', '.join(TABLES)})")
+    versions = {row.get("value") for row in data.get("meta", []) if row.get("key") == "schema_version"}
+    if versions != {str(SCHEMA_VERSION)}:
+        raise StoreError(f"{path} has schema version {', '.join(map(str, versions)) or 'none'}, this ctbench reads "
+                         f"version {SCHEMA_VERSION}")
+    counts = {}
+    with transaction(connection):
+        for table in TABLES:
+            if table == "meta" or table not in data:
+                continue
+            columns = [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
+            for row in data[table]:
+                if set(row) != set(columns):
+                    raise StoreError(f"{path}: a row of table {table} has the columns {sorted(row)}, the database "
+                                     f"has {sorted(columns)}")
+                values = [json.dumps(row[c], sort_keys=True) if c in JSON_COLUMNS and row[c] is not None else row[c]
+                          for c in columns]
+                connection.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+                                   f"VALUES ({', '.join('?' for _ in columns)})", values)
+            counts[table] = len(data[table])
+    return counts
 
 
 CARD_QUERY = """

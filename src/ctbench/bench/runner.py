@@ -1,13 +1,19 @@
 """The coordinator of ``ctbench bench run``: runs what is missing, skips what is done.
 
-A job is done when all its phase records say so (``jobs.job_done``); done jobs are skipped
-(ingested first if the database lacks them). The others are grouped into tasks by run folder
+A job is done when all its phase records say so (``jobs.job_done``), or when the database has it
+as done and its run folder is absent (imported results); done jobs are skipped (ingested first if
+the database lacks them). The others are grouped into tasks by run folder
 (jobs that differ only in certification share one trained model, and one worker runs them in
 turn), and each task runs its missing phases (``phases.run_task``): in this process with
 ``workers=1``, else in ``workers`` spawned processes (one per task) that split the CPU threads.
 Workers write only their run folders; this process alone writes the database, ingesting each
 task's jobs as the task finishes. On an interrupt the workers are interrupted too (they record
 their phase as interrupted); an interrupted task resumes on the next run from its files.
+
+With ``submitit`` options (``--executor slurm`` or ``submitit-local``) each task is a submitit
+job instead of a worker process (``cluster``): the same ``run_task``, the same run folders, and
+the same ingestion as each job finishes; a job that failed outside its phase records (it raised,
+was killed) is recorded with submitit's reason.
 """
 from __future__ import annotations
 
@@ -15,15 +21,19 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .jobs import STATUS_FILE, Job, job_done
 from .phases import run_task
-from .store import connect, ingest_job, job_status, register_suite
+from .store import connect, ingest_job, job_status, record_job_error, register_suite
 from .suites import Suite
+
+if TYPE_CHECKING:
+    from .cluster import SubmititOptions
 
 POLL_SECONDS = 1.0
 
@@ -55,10 +65,16 @@ class BenchReport:
 
 
 def run_suite(suite: Suite, root: Path | str, db_path: Path | str, workers: int = 1, threads: int | None = None,
-              monitor: Monitor | None = None) -> BenchReport:
-    """Run the suite's missing jobs under ``root`` and ingest them into the database ``db_path``."""
+              monitor: Monitor | None = None, submitit: SubmititOptions | None = None) -> BenchReport:
+    """Run the suite's missing jobs under ``root`` and ingest them into the database ``db_path``:
+    in local processes, or with ``submitit`` options as submitit jobs (SLURM or submitit's local
+    executor; ``workers`` then bounds only the local executor's jobs at once)."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    if submitit is not None:
+        from .cluster import make_executor
+
+        executor = make_executor(submitit)  # refuses (no submitit, no SLURM) before anything is registered or run
     root, monitor = Path(root).resolve(), monitor or Monitor()
     connection = connect(db_path)
     report = BenchReport(suite.name)
@@ -71,7 +87,9 @@ def run_suite(suite: Suite, root: Path | str, db_path: Path | str, workers: int 
         def finish(task: list[Job], worker_error: str | None) -> None:
             _ingest_task(connection, task, worker_error, root, report, monitor)
 
-        if workers == 1:
+        if submitit is not None:
+            _run_with_submitit(tasks, root, executor, submitit, workers, threads, finish, monitor)
+        elif workers == 1:
             _run_here(tasks, root, threads, finish, monitor)
         else:
             _run_in_processes(tasks, root, workers, threads, finish, monitor)
@@ -82,13 +100,18 @@ def run_suite(suite: Suite, root: Path | str, db_path: Path | str, workers: int 
 
 
 def _skip_done(connection, jobs, root: Path, report: BenchReport) -> list[Job]:
+    """The jobs still to run. A job is done when its run folder says so (then it is ingested if
+    the database lacks it) or when the database has it as done without its folder being here
+    (imported with `ctbench bench import` from another machine or an earlier checkout)."""
     todo = []
     for job in jobs:
-        if not job_done(job, root):
+        status = job_status(connection, job.job_key)
+        if job_done(job, root):
+            if status != "done":
+                ingest_job(connection, job, root)
+        elif status != "done" or job.run_dir(root).exists():
             todo.append(job)
             continue
-        if job_status(connection, job.job_key) != "done":
-            ingest_job(connection, job, root)
         report.skipped.append(job.label)
     return todo
 
@@ -103,10 +126,13 @@ def _tasks(jobs: list[Job], root: Path) -> list[list[Job]]:
 
 def _ingest_task(connection, task: list[Job], worker_error: str | None, root: Path, report: BenchReport,
                  monitor: Monitor) -> None:
-    """Ingest the task's jobs; a job not done fails with its phase's error, else the worker's."""
+    """Ingest the task's jobs; a job not done fails with its phase's error, else with the worker's
+    (its process or cluster job died outside the phase records), which the database then keeps."""
     for job in task:
         status, error = ingest_job(connection, job, root)
-        error = error or worker_error
+        if status != "done" and error is None and worker_error:
+            record_job_error(connection, job.job_key, worker_error)
+            status, error = "error", worker_error
         if status == "done":
             report.done.append(job.label)
         else:
@@ -121,13 +147,9 @@ Finish = Callable[[list[Job], str | None], None]
 
 
 def _run_here(tasks: list[list[Job]], root: Path, threads: int | None, finish: Finish, monitor: Monitor) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     for task in tasks:
         name = task[0].run_dir(root).name
-        run_task(task, str(root), report=lambda text: monitor.phases({name: text}))
+        run_task(task, str(root), report=lambda text: monitor.phases({name: text}), threads=threads)
         finish(task, None)
 
 
@@ -140,11 +162,8 @@ def available_cores() -> int:
 
 def _worker(task: list[Job], root: str, threads: int) -> None:
     """A worker process: one task with ``threads`` torch threads; exit code 130 when interrupted."""
-    import torch
-
-    torch.set_num_threads(threads)
     try:
-        run_task(task, root)
+        run_task(task, root, threads=threads)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -153,14 +172,14 @@ def _run_in_processes(tasks: list[list[Job]], root: Path, workers: int, threads:
                       monitor: Monitor) -> None:
     """At most ``workers`` spawned processes at once, one per task, ``threads // workers`` torch
     threads each; a task is ingested as soon as its process ends."""
-    per_worker = max(1, (threads or available_cores()) // workers)
+    per_worker = _threads_per_worker(threads, workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     waiting, running = list(tasks), {}
     try:
         while waiting or running:
             while waiting and len(running) < workers:
                 task = waiting.pop(0)
-                (task[0].run_dir(root) / STATUS_FILE).unlink(missing_ok=True)  # a stale phase of an earlier run
+                _clear_status(task, root)
                 process = context.Process(target=_worker, args=(task, str(root), per_worker), name=task[0].label)
                 process.start()
                 running[process] = task
@@ -172,6 +191,46 @@ def _run_in_processes(tasks: list[list[Job]], root: Path, workers: int, threads:
     except BaseException:
         _stop(list(running))
         raise
+
+
+def _run_with_submitit(tasks: list[list[Job]], root: Path, executor, options: SubmititOptions, workers: int,
+                       threads: int | None, finish: Finish, monitor: Monitor) -> None:
+    """One submitit job per task. On SLURM all are submitted at once (the queue decides when they
+    run) and each takes one torch thread per CPU it was given; submitit's local executor runs at
+    most ``workers`` at once that split the CPU threads like the local workers. A task is ingested
+    as soon as submitit reports its job finished."""
+    from . import cluster
+
+    on_slurm = options.cluster == "slurm"
+    at_once = len(tasks) if on_slurm else workers
+    per_job = options.cpus_per_job if on_slurm else _threads_per_worker(threads, workers)
+    waiting, running = list(tasks), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                task = waiting.pop(0)
+                _clear_status(task, root)
+                running[cluster.submit(executor, task, root, per_job)] = task
+            time.sleep(POLL_SECONDS)
+            for job in [job for job in running if job.done()]:
+                finish(running.pop(job), cluster.job_error(job))
+            phases = _phases(running.values(), root)
+            if len(running) > len(phases):  # no phase reported yet: waiting in the queue, or starting
+                phases["queued"] = f"{len(running) - len(phases)} queued"
+            monitor.phases(phases)
+    except BaseException:
+        cluster.cancel(list(running))
+        raise
+
+
+def _threads_per_worker(threads: int | None, workers: int) -> int:
+    """``threads`` (default: every core) split between ``workers`` processes, at least one each."""
+    return max(1, (threads or available_cores()) // workers)
+
+
+def _clear_status(task: list[Job], root: Path) -> None:
+    """Remove the task's status file: a stale phase of an earlier run is no progress of this one."""
+    (task[0].run_dir(root) / STATUS_FILE).unlink(missing_ok=True)
 
 
 def _phases(tasks, root: Path) -> dict[str, str]:

@@ -98,6 +98,22 @@ def load_suite(name: str, seeds: list[int] | None = None) -> Suite:
     return Suite(suite_name, path, str(data.get("description", "")), data, tuple(jobs))
 
 
+def select_jobs(suite: Suite, patterns: list[str]) -> Suite:
+    """The suite with only the jobs matching one of the shell patterns (``--only``), each matched
+    against "SETTING/METHOD/seedK", e.g. ``mnist-mini-0.1/sabr/*`` or ``*/crown_ibp/seed0``; a
+    pattern that matches no job is refused, naming the suite's jobs."""
+    import fnmatch
+
+    names = [f"{job.setting}/{job.method}/seed{job.seed}" for job in suite.jobs]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern) and not fnmatch.filter(names, f"{pattern}/*"):
+            raise SuiteError(f"--only {pattern!r} matches no job of suite {suite.name}; its jobs are "
+                             f"{', '.join(names)} (patterns are SETTING/METHOD[/seedK], shell wildcards allowed)")
+    jobs = tuple(job for job, name in zip(suite.jobs, names)
+                 if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name, f"{p}/*") for p in patterns))
+    return dataclasses.replace(suite, jobs=jobs)
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2] (the --seeds option)."""
     try:

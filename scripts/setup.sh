@@ -15,4 +15,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${CTBENCH_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[test,analysis,certify,sweep,watch]"
+.venv/bin/pip install -q -e ".[test,analysis,certify,sweep,watch,cluster]"

@@ -489,15 +489,32 @@ def test_vnnlib_property_matches_the_box(tmp_path):
 
     images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([2, 0, 1])
-    paths = export_vnnlib(images, labels, [0, 2], 0.1, tmp_path, 3, onnx_path=tmp_path / "model.onnx")
+    paths = export_vnnlib(images, labels, [0, 2], 0.1, tmp_path, 3)
     assert [p.name for p in paths] == ["prop_0.vnnlib", "prop_2.vnnlib"]
-    assert len((tmp_path / "instances.csv").read_text().splitlines()) == 2
     inputs, outputs, lower, upper, terms = parse_vnnlib(paths[1].read_text())
     x = images[2].float().flatten() / 255
     assert inputs == set(range(16)) and outputs == {0, 1, 2}
     assert [lower[i] for i in range(16)] == (x.double() - 0.1).clamp(min=0).tolist()
     assert [upper[i] for i in range(16)] == (x.double() + 0.1).clamp(max=1).tolist()
     assert sorted(terms) == [(0, 1), (2, 1)]
+
+
+def test_vnncomp_benchmark_folder_has_relative_paths_and_moves_as_a_whole(tmp_path):
+    pytest.importorskip("onnx")
+    from ctbench.certify.export import export_vnncomp_benchmark
+
+    images = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 1])
+    folder = tmp_path / "bench"
+    instances = export_vnncomp_benchmark(conv_net(0), (1, 5, 5), images, labels, [1, 3], 0.05, folder, 3,
+                                         name="net", timeout=60)
+    assert instances == folder / "instances.csv"
+    assert instances.read_text().splitlines() == ["onnx/net.onnx,vnnlib/prop_1.vnnlib,60",
+                                                  "onnx/net.onnx,vnnlib/prop_3.vnnlib,60"]
+    moved = folder.rename(tmp_path / "elsewhere")
+    for line in (moved / "instances.csv").read_text().splitlines():
+        onnx_file, property_file, _ = line.split(",")
+        assert (moved / onnx_file).is_file() and (moved / property_file).is_file()
 
 
 def test_onnx_export_matches_torch(tmp_path):

@@ -185,9 +185,9 @@ def check_model(model: nn.Module, spec) -> None:
 
 
 def _registered_spec(config: TrainConfig):
-    from .data import DATASETS
+    from .data import input_spec
 
-    return DATASETS.get(config.data.dataset).spec
+    return input_spec(config.data)
 
 
 def evaluation_attack(name: str | None, steps: int | None = None, restarts: int | None = None):

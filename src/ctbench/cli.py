@@ -119,7 +119,7 @@ def cmd_plot(args) -> int:
 
 def load_trained(source: str):
     """(model, config) from a run folder (its final.pt) or a checkpoint file."""
-    from .data import DATASETS
+    from .data import input_spec
     from .training import build_model_for, checkpoint_file, load_checkpoint, load_model_state
 
     path = checkpoint_file(source)
@@ -131,29 +131,92 @@ def load_trained(source: str):
                           "rebuild; load them into that network (model.load_state_dict(torch.load(path)['model'])) "
                           "and use ctbench.evaluate / ctbench.certify")
     config = saved_config_from_dict(state["config"])
-    model = build_model_for(config, DATASETS.get(config.data.dataset).spec)
+    model = build_model_for(config, input_spec(config.data))
     load_model_state(model, state["model"], str(path))
     return model.eval(), config
 
 
+def _elsewhere_file(args) -> Path | None:
+    """The file of a model from elsewhere: an .onnx SOURCE, or --state-dict with --arch; None for a
+    trained run (a run folder or checkpoint). A wrong combination of options is refused."""
+    if args.arch or args.state_dict:
+        if not (args.arch and args.state_dict):
+            raise ConfigError("--arch and --state-dict go together: the architecture to build and its weights")
+        if args.source is not None:
+            raise ConfigError(f"give either SOURCE ({args.source}) or --arch with --state-dict, not both")
+        return Path(args.state_dict)
+    if args.source is None:
+        raise ConfigError("nothing to test: give a run folder, a checkpoint or an .onnx file, or --arch ARCH "
+                          "--state-dict FILE")
+    return Path(args.source) if args.source.lower().endswith(".onnx") else None
+
+
+def _model_for_testing(args):
+    """(model, config): a trained run's, or for a model from elsewhere the default config on the
+    --data set (its device, data folder and evaluation batch size)."""
+    from .config import DataConfig, TrainConfig
+    from .data import input_spec
+
+    file = _elsewhere_file(args)
+    if file is None:
+        if args.data:
+            raise ConfigError("--data is for a model from elsewhere (an .onnx file or --arch); a run is tested on "
+                              "the data set it was trained on")
+        return load_trained(args.source)
+    if not args.data:
+        raise ConfigError("a model from elsewhere needs --data, the data set to test it on (e.g. --data mnist)")
+    config = TrainConfig(data=DataConfig(dataset=args.data))
+    spec = input_spec(config.data)
+    model = _load_architecture(args.arch, file, spec) if args.arch else _import_onnx(file, spec)
+    return model, config
+
+
+def _import_onnx(path: Path, spec):
+    """The network of an ONNX file for images of ``spec``, checked against onnxruntime."""
+    from .models.onnx_import import import_onnx
+
+    imported = import_onnx(path, (spec.channels, spec.size, spec.size))
+    if imported.max_abs_difference is not None:  # else import_onnx warned that it could not check
+        _say(f"imported {path}: its logits match onnxruntime's on {imported.checked_inputs} random inputs "
+             f"(max abs difference {imported.max_abs_difference:.2g})")
+    return imported.model
+
+
+def _load_architecture(arch: str, path: Path, spec):
+    """The registered architecture ``arch`` for inputs of ``spec`` with the weights of ``path`` (a
+    saved state_dict or a ctbench checkpoint); with BatchNorm when the weights hold its statistics."""
+    from .models import MODELS, build_model
+    from .training import load_checkpoint, load_model_state, model_weights
+
+    MODELS.get(arch)  # an unknown name is refused before the file is read
+    weights = model_weights(load_checkpoint(path), path)
+    model = build_model(arch, spec, batch_norm=any(name.endswith("running_mean") for name in weights))
+    load_model_state(model, weights, f"--state-dict {path}",
+                     fix=f"Give the --arch it was saved from (known: {', '.join(MODELS.names())}) and the --data "
+                         "it takes.")
+    return model.eval()
+
+
 def _load_for_testing(args):
-    """The trained model, its config, the device, the dataset and eps that --device, --threads,
+    """The model, its config, the device, the dataset and eps that --device, --threads,
     --data-dir and --eps select (evaluate and certify)."""
     import torch
 
-    from .data import load_dataset
+    from .data import load_data
     from .training import resolve_device
 
-    model, config = load_trained(args.source)
+    model, config = _model_for_testing(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device or config.device)
-    dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
+    dataset = load_data(config.data, args.data_dir)
     return model, config, device, dataset, _eps(args, config)
 
 
 def _eps(args, config) -> float:
-    """--eps, else the run's test eps."""
+    """--eps, else the run's test eps (a model from elsewhere has none)."""
+    if args.eps is None and _elsewhere_file(args) is not None:
+        raise ConfigError("give --eps: a model from elsewhere has no run whose test eps would be the default")
     return config.eps.test_eps if args.eps is None else args.eps
 
 
@@ -191,15 +254,24 @@ def _certify_settings(args):
 
 
 def _certify_out(args, config, eps) -> Path:
+    """--out, else the run's default verdicts folder; for a model from elsewhere FILE-certify-eps<E>
+    beside its file."""
     from .certify import default_out_dir
 
-    return Path(args.out) if args.out else default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)
+    if args.out:
+        return Path(args.out)
+    file = _elsewhere_file(args)
+    if file is not None:
+        return file.parent / f"{file.stem}-certify-eps{eps:g}"
+    return default_out_dir(_run_dir(args.source), eps, config.eps.test_eps)
 
 
 def cmd_certify(args) -> int:
     from .certify import certify
 
     if args.merge:
+        if args.source is None:
+            raise ConfigError("--merge needs the verdicts folder of the shards as SOURCE")
         return _print_merge(Path(args.source), args.json)
     if args.workers != 1:
         return _certify_with_workers(args)
@@ -226,6 +298,8 @@ def _certify_folder(args) -> Path:
     """The verdicts folder: --out, else the default one next to the run."""
     if args.out is not None:
         return Path(args.out)
+    if _elsewhere_file(args) is not None:  # its folder needs no model loaded
+        return _certify_out(args, None, _eps(args, None))
     _, config = load_trained(args.source)
     return _certify_out(args, config, _eps(args, config))
 
@@ -413,20 +487,27 @@ def cmd_certify_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .certify.export import export_onnx, export_vnnlib
-    from .data import DATASETS, load_dataset
+    from .certify.export import export_onnx, export_vnncomp_benchmark
+    from .data import input_spec, load_data
 
+    if not (args.onnx or args.vnncomp):
+        raise ConfigError("nothing to export: give --onnx FILE (the model) and/or --vnncomp DIR (a VNN-COMP "
+                          "benchmark folder: the model, one VNN-LIB property per test sample, instances.csv)")
     model, config = load_trained(args.source)
-    spec = DATASETS.get(config.data.dataset).spec
-    onnx_path = export_onnx(model, args.onnx, (spec.channels, spec.size, spec.size))
-    print(f"onnx: {onnx_path}")
-    if args.vnnlib_dir:
-        dataset = load_dataset(config.data.dataset, args.data_dir or config.data.data_dir, config.data.download)
+    spec = input_spec(config.data)
+    shape = (spec.channels, spec.size, spec.size)
+    if args.onnx:
+        print(f"onnx: {export_onnx(model, args.onnx, shape)}")
+    if args.vnncomp:
+        dataset = load_data(config.data, args.data_dir)
         eps = config.eps.test_eps if args.eps is None else args.eps
         stop = min(args.start + args.count, len(dataset.test))
-        paths = export_vnnlib(dataset.test.images, dataset.test.labels, range(args.start, stop), eps, args.vnnlib_dir,
-                              spec.classes, onnx_path=onnx_path, timeout=args.timeout)
-        print(f"vnnlib: {len(paths)} properties in {args.vnnlib_dir} (instances.csv lists them)")
+        name = Path(args.source).resolve().name.removesuffix(".pt")
+        instances = export_vnncomp_benchmark(model, shape, dataset.test.images, dataset.test.labels,
+                                             range(args.start, stop), eps, args.vnncomp, spec.classes, name=name,
+                                             timeout=args.timeout)
+        print(f"vnncomp: {stop - args.start} properties, model onnx/{name}.onnx; {instances} lists them "
+              "(paths relative to its folder)")
     return 0
 
 
@@ -452,6 +533,17 @@ def _add_sample_options(parser: argparse.ArgumentParser, count_help: str, count_
     parser.add_argument("--eps", type=_radius, help="perturbation radius, e.g. 0.1 or 8/255 (default: the run's test eps)")
     parser.add_argument("--start", type=_integer_at_least(0), default=0, help="first test sample")
     parser.add_argument("--count", type=_integer_at_least(1), default=count_default, help=count_help)
+
+
+def _add_elsewhere_options(parser: argparse.ArgumentParser) -> None:
+    """--data, --arch, --state-dict: a model ctbench did not train (an .onnx SOURCE, or an
+    architecture and its weights)."""
+    parser.add_argument("--data", metavar="DATASET",
+                        help="with an .onnx SOURCE or --arch: the data set to test on, e.g. mnist")
+    parser.add_argument("--arch", help="instead of SOURCE: build this registered architecture (cnn3, cnn5, cnn7, "
+                                       "resnet_small, ...) and load --state-dict into it")
+    parser.add_argument("--state-dict", metavar="FILE",
+                        help="with --arch: its weights (torch.save(model.state_dict(), FILE) or a ctbench checkpoint)")
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -486,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=cmd_plot)
 
     evaluate = commands.add_parser("evaluate", help="natural, IBP-certified and adversarial accuracy on the test set")
-    evaluate.add_argument("source", help="run folder or checkpoint file")
+    evaluate.add_argument("source", nargs="?", help="run folder, checkpoint file or .onnx file (with --data)")
+    _add_elsewhere_options(evaluate)
     _add_sample_options(evaluate, count_help="number of test samples (default: all)")
     evaluate.add_argument("--attack", choices=("pgd", "apgd"), default="pgd",
                           help="pgd: PGD, restarts alternating cross-entropy and margin loss; apgd: APGD-CE, then "
@@ -500,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     certify = commands.add_parser("certify", help="certification cascade: per-sample verdicts (certified, falsified, ...)")
-    certify.add_argument("source", help="run folder or checkpoint file (with --merge: a verdicts folder)")
+    certify.add_argument("source", nargs="?",
+                         help="run folder, checkpoint file or .onnx file (with --data); with --merge: a verdicts folder")
+    _add_elsewhere_options(certify)
     certify.add_argument("--stages", default="ibp,crown-ibp,attack,alpha-crown,bab",
                          help="comma-separated stages, in order (ibp, crown-ibp, attack, alpha-crown, bab, milp)")
     certify.add_argument("--timeout", type=_seconds, default=1000.0, help="seconds per sample (paper: 1000)")
@@ -530,10 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a model to ONNX and test samples to VNN-LIB properties")
     export.add_argument("source", help="run folder or checkpoint file")
-    export.add_argument("--onnx", required=True, help="output .onnx file")
-    export.add_argument("--vnnlib-dir", help="also write prop_<index>.vnnlib files and instances.csv here")
+    export.add_argument("--onnx", help="write the model to this .onnx file")
+    export.add_argument("--vnncomp", metavar="DIR", help="write a VNN-COMP benchmark folder: onnx/RUN.onnx, "
+                        "vnnlib/prop_<index>.vnnlib, instances.csv with paths relative to DIR")
     _add_sample_options(export, count_help="number of properties", count_default=100)
-    export.add_argument("--timeout", type=float, default=1000.0, help="timeout written to instances.csv")
+    export.add_argument("--timeout", type=float, default=1000.0, help="seconds per property, written to instances.csv")
     export.add_argument("--data-dir", help=DATA_DIR_HELP)
     export.set_defaults(run=cmd_export)
 
@@ -548,10 +644,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(commands)
     add_bench_parser(commands)
     add_sweep_parser(commands)
+    _add_plugin_option(parser)
     return parser
 
 
+PLUGIN_HELP = ("import this module (a dotted name or a .py file) before the command runs, so the models, datasets "
+               "and methods it registers are known; repeatable, accepted anywhere on the command line")
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """--plugin in the help of every command and subcommand; main() takes the values out before parsing
+    (_split_plugins), so they count wherever they stand."""
+    if not any("--plugin" in action.option_strings for action in parser._actions):  # aliases share a parser
+        parser.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE", help=PLUGIN_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_plugin_option(command)
+
+
+def _split_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --plugin modules, the other arguments): --plugin may stand anywhere, with any command."""
+    parser = argparse.ArgumentParser(prog="ctbench", add_help=False, allow_abbrev=False)
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    known, rest = parser.parse_known_args(argv)
+    return known.plugin, rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .plugins import PluginError, use_plugins
+
+    plugins, argv = _split_plugins(sys.argv[1:] if argv is None else list(argv))
+    try:
+        use_plugins(plugins)
+    except PluginError as error:
+        print(f"ctbench: error: {error}", file=sys.stderr)
+        return 2
     return main_with_args(build_parser().parse_args(argv))
 
 
@@ -559,6 +687,7 @@ def main_with_args(args) -> int:
     from .certify.provenance import ProvenanceMismatch
     from .certify.stages import CertifyInputError
     from .certify.verdicts import InvalidVerdict
+    from .models.onnx_import import OnnxImportError
     from .training import CheckpointError
 
     try:
@@ -567,7 +696,7 @@ def main_with_args(args) -> int:
         _report_interrupt(args)
         return 130
     except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict, CertifyInputError,
-            ProvenanceMismatch) as error:
+            ProvenanceMismatch, OnnxImportError) as error:
         print(f"ctbench: error: {error}", file=sys.stderr)
         return 2
 

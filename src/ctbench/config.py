@@ -29,6 +29,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+FILES_DATASET = "files"  # data.dataset of your own files (data.path; ctbench.data.files)
+FILE_FORMATS = ("idx", "image-folder", "npz", "pt")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist"
@@ -40,6 +44,15 @@ class DataConfig:
     # the network's first layer normalizes by the dataset's mean/std (the reference; MNIST 0.1307/0.3081);
     # false: identity (the paper's text gives MNIST no preprocessing)
     normalize: bool = True
+    # Your own files, with data.dataset: files (README, "Your own models and data"):
+    path: str | None = None  # a .npz or .pt file, or a folder of IDX files or of images; relative to the current folder
+    format: str | None = None  # idx, image-folder, npz or pt; null: from the path
+    shape: tuple[int, ...] | None = None  # (C, H, W) of the images, H == W
+    classes: int | None = None  # the labels are 0 to classes - 1
+    mean: tuple[float, ...] | None = None  # per channel, of the images scaled to [0, 1]; null: no normalization
+    std: tuple[float, ...] | None = None
+    # (low, high) of the stored values, scaled to [0, 1] (the range of eps); null: (0, 255) for uint8, else (0, 1)
+    value_range: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +325,7 @@ def saved_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
     _validate_ranges(config)
     _validate_schedule(config)
+    _validate_files(config.data)
     _validate_names(config)
     if config.optim.batch_size % config.optim.accumulation_steps:
         raise ConfigError(f"optim.accumulation_steps={config.optim.accumulation_steps} must divide "
@@ -341,13 +355,14 @@ CHOICES = {
     ("attack", "step_relative_to"): ("half_width", "width"),
     ("attack", "step_schedule"): ("constant", "decay"),
     ("attack", "random_start"): ("clamped_noise", "uniform", "center"),
+    ("data", "format"): FILE_FORMATS,
 }
 
 
 def _validate_choices(config: TrainConfig) -> None:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
-        if value not in allowed:
+        if value is not None and value not in allowed:  # None: unset (data.format: from the path)
             raise ConfigError(f"{section}.{key}: use {' or '.join(allowed)}, got {value!r}")
 
 
@@ -381,6 +396,9 @@ RANGES: dict[str, tuple[Range, str]] = {
     "threads": (AT_LEAST_ONE, "; null: torch's default"),
     "data.validation_size": (NON_NEGATIVE, "; 0: no validation split"),
     "data.train_subset": (AT_LEAST_ONE, "; null: the whole training set"),
+    "data.shape": (AT_LEAST_ONE, "; the images' (C, H, W), e.g. [1, 28, 28]"),
+    "data.classes": (Range(2), "; the labels are 0 to classes - 1"),
+    "data.std": (POSITIVE, "; the per-channel standard deviation of the images scaled to [0, 1]"),
     "optim.epochs": (AT_LEAST_ONE, ""),
     "optim.batch_size": (AT_LEAST_ONE, ""),
     "optim.lr": (Range(0, 10, low_open=True), "; Adam usually trains with 1e-4 to 1e-2"),
@@ -438,12 +456,46 @@ def _validate_schedule(config: TrainConfig) -> None:
                           "lower it, or set it to null for no SWA")
 
 
+FILES_KEYS = ("path", "format", "shape", "classes", "mean", "std", "value_range")
+
+
+def _validate_files(data: DataConfig) -> None:
+    """The keys that describe your own files: required with data.dataset: files, refused with other datasets
+    (the files themselves are checked as they are read, ctbench.data.files)."""
+    given = [key for key in FILES_KEYS if getattr(data, key) is not None]
+    if data.dataset != FILES_DATASET:
+        if given:
+            raise ConfigError(f"data.{given[0]} describes your own files, read only with data.dataset: "
+                              f"{FILES_DATASET}; drop it, or set data.dataset: {FILES_DATASET} (now {data.dataset!r})")
+        return
+    for key, example in (("path", "data/my_images.npz"), ("shape", "[1, 28, 28]"), ("classes", "10")):
+        if getattr(data, key) is None:
+            raise ConfigError(f"data.{key} is required with data.dataset: {FILES_DATASET}, e.g. data.{key}: {example}")
+    if len(data.shape) != 3:
+        raise ConfigError(f"data.shape: give the images' [C, H, W], e.g. [1, 28, 28]; got {list(data.shape)}")
+    channels, height, width = data.shape
+    if height != width:
+        raise ConfigError(f"data.shape: the models take square images (H == W), got {height}x{width}; "
+                          "crop or pad the images to a square")
+    if (data.mean is None) != (data.std is None):
+        raise ConfigError("data.mean and data.std go together: give both (per channel), or neither (no normalization)")
+    for key in ("mean", "std"):
+        values = getattr(data, key)
+        if values is not None and len(values) != channels:
+            raise ConfigError(f"data.{key}: give one value per channel ({channels}, data.shape[0]), got {list(values)}")
+    if data.value_range is not None:
+        if len(data.value_range) != 2 or not data.value_range[0] < data.value_range[1]:
+            raise ConfigError(f"data.value_range: give [low, high] with low < high, the range of the stored values "
+                              f"(e.g. [0, 255] or [0, 1]); got {list(data.value_range)}")
+
+
 def _validate_names(config: TrainConfig) -> None:
     """Dataset, architecture and initialization must be registered (the method is checked on reading)."""
     from .data import DATASETS
     from .models import INITS, MODELS
 
-    DATASETS.get(config.data.dataset)
+    if config.data.dataset != FILES_DATASET:
+        DATASETS.get(config.data.dataset)
     MODELS.get(config.model.architecture)
     init = config.model.init
     if init not in ("auto", "keep") and init not in INITS:
@@ -457,6 +509,10 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     method = data.pop("method")
     options = method.pop("options") or {}
     data["method"] = {**method, **options}
+    if data["data"]["dataset"] != FILES_DATASET:
+        # unset for every other dataset; left out so that configs (and the bench's job keys) stay as before
+        for key in FILES_KEYS:
+            del data["data"][key]
     return _plain(data)
 
 

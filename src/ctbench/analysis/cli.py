@@ -33,8 +33,9 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``analyze`` subcommand to an argparse subparsers object."""
     parser = subparsers.add_parser("analyze", help="paper section 5 analyses of trained runs, and figures")
     parser.add_argument("analysis", choices=ANALYSES)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders or checkpoints (figures: JSON files or folders written by --out)")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="run folders or checkpoints (figures: JSON files or folders written by --out; "
+                             "default: the --out folder)")
     parser.add_argument("--eps", type=float, action="append",
                         help="perturbation radius (default: each run's test eps); fragmentation accepts it repeatedly")
     parser.add_argument("--count", type=int, help="first N test samples (default: all)")
@@ -85,11 +86,11 @@ class _Loader:
         return model, config, _run_info(source, config)
 
     def test_split(self, config):
-        from ..data import load_dataset
+        from ..data import load_data
 
-        key = (config.data.dataset, self.args.data_dir or config.data.data_dir)
+        key = (config.data, self.args.data_dir)
         if key not in self._datasets:
-            self._datasets[key] = load_dataset(config.data.dataset, key[1], config.data.download)
+            self._datasets[key] = load_data(config.data, self.args.data_dir)
         return self._datasets[key].test.head(self.args.count)
 
     def eps_values(self, config) -> list[float]:
@@ -253,6 +254,9 @@ def _load_results(inputs: list[str]) -> list[dict]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist: ctbench analyze figures reads the JSON files that "
+                              "`ctbench analyze ANALYSIS RUN... --out DIR` writes (give DIR, or the files)")
         files.extend(sorted(path.glob("*.json")) if path.is_dir() else [path])
     results = []
     for path in files:
@@ -268,7 +272,7 @@ def _figures(args) -> dict:
     from .shared_mistakes import markdown_table
 
     out = Path(args.out or "figures")
-    results = _load_results(args.runs)
+    results = _load_results(args.runs or [out])
     by_kind: dict[str, list[dict]] = {}
     for data in results:
         by_kind.setdefault(data["analysis"], []).append(data)
@@ -350,6 +354,8 @@ def _summary(data: dict) -> str:
 
 
 def cmd_analyze(args) -> int:
+    if not args.runs and args.analysis != "figures":
+        raise ConfigError(f"ctbench analyze {args.analysis} needs at least one RUN_DIR (a run folder or checkpoint)")
     if args.threads:
         import torch
 

@@ -4,6 +4,7 @@ database, and Table 1 / Table 8 against the literature.
 * ``suites``: suite YAML files (shipped: ``paper``, ``mnist-mini``, ``smoke``) -> jobs;
 * ``jobs``: a job, its keys and its files; ``phases``: what a worker runs;
 * ``runner``: ``run_suite`` (skip done, resume, parallel workers, ingest);
+* ``cluster``: the jobs as submitit jobs instead (``--executor slurm`` or ``submitit-local``);
 * ``store``: the SQLite results database (schema in its docstring);
 * ``reference``: the literature's and the paper's figures (``reference.yaml``), with sources;
 * ``tables``: Table 1 and Table 8 of a suite; ``export``: CSV, JSON and model cards;

@@ -194,7 +194,8 @@ def _add_executor_options(run: argparse.ArgumentParser) -> None:
                        help="CPUs of each job, also its torch threads (default: the cluster's)")
     slurm.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory of each job (default: the cluster's)")
     slurm.add_argument("--slurm-folder", metavar="DIR",
-                       help="submitit's scripts, logs and pickles; %%j is the job id (default: ROOT/submitit/%%j)")
+                       help="submitit's scripts, logs and pickles, named by job id; a %%j in DIR is the job id "
+                            "(default: ROOT/submitit)")
     slurm.add_argument("--slurm-arg", action="append", default=[], metavar="KEY[=VALUE]",
                        help="any other sbatch option, e.g. account=abc, qos=high or exclusive (repeatable)")
 
@@ -208,7 +209,7 @@ def _submitit_options(args):
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} needs --executor slurm (or submitit-local)")
         return None
-    folder = Path(args.slurm_folder) if args.slurm_folder else Path(args.root) / "submitit" / "%j"
+    folder = Path(args.slurm_folder) if args.slurm_folder else Path(args.root) / "submitit"
     return SubmititOptions(cluster="slurm" if args.executor == "slurm" else "local", folder=folder,
                            partition=args.slurm_partition, time_minutes=args.slurm_time or DEFAULT_TIME_MINUTES,
                            gpus_per_job=args.slurm_gpus_per_job, cpus_per_job=args.slurm_cpus_per_job,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import FILES_DATASET
 from ..environment import environment
 from ..io import atomic_write_json, atomic_write_text
 from .analyses import ANALYSES
@@ -34,9 +35,13 @@ from .jobs import (
 Report = Callable[[str], None]  # shows the phase a job is in, e.g. "certify 128/1000"
 
 
-def run_task(jobs: list[Job], root: str, report: Report | None = None) -> None:
-    """Run the missing phases of jobs that share one run folder, in order. ``report`` defaults
-    to writing the run folder's status file, which the coordinator reads for its progress bar."""
+def run_task(jobs: list[Job], root: str, report: Report | None = None, threads: int | None = None) -> None:
+    """Run the missing phases of jobs that share one run folder, in order, with ``threads`` torch
+    CPU threads (None: as they are). This is what every executor runs (in its process, a worker
+    process or a cluster job). ``report`` defaults to writing the run folder's status file, which
+    the coordinator reads for its progress bar."""
+    if threads:
+        torch.set_num_threads(threads)
     root_path = Path(root)
     report = report or functools.partial(_write_status, jobs[0].run_dir(root_path) / STATUS_FILE)
     for job in jobs:
@@ -146,7 +151,16 @@ def _cached_dataset(name: str, data_dir: str | None, download: bool):
     return load_dataset(name, data_dir, download)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_files(data_config):
+    from ..data import load_data
+
+    return load_data(data_config)
+
+
 def dataset_of(data_config):
     """The data set of a config's data section, loaded once per process."""
+    if data_config.dataset == FILES_DATASET:  # your own files: the whole data section says what to read
+        return _cached_files(data_config)
     return _cached_dataset(data_config.dataset, data_config.data_dir, data_config.download)
 

@@ -21,7 +21,8 @@ Schema (``SCHEMA``; version in ``meta``):
   (``results.json``); device and threads are those of the train phase.
 * ``jobs(job_key, config_hash, certify_hash, setting, method, seed, source, overrides, certify,
   analyses, run_dir, certify_dir, status, error, updated_at)``: status is "pending", "done",
-  "error" (``error`` holds the phase and message) or "incomplete" (interrupted).
+  "error" (``error`` holds the phase and message, or why the job's worker process or cluster job
+  died) or "incomplete" (interrupted).
 * ``phases(job_key, phase, status, seconds, error, finished_at, device, threads, torch_version,
   git_commit)``: one row per phase ("train", "certify", "analysis:<name>"), wall seconds summed
   over attempts; a phase that raised has status "error" and the message.
@@ -165,6 +166,14 @@ def register_suite(connection: sqlite3.Connection, suite, jobs: list[Job], root:
 def job_status(connection: sqlite3.Connection, job_key: str) -> str | None:
     row = connection.execute("SELECT status FROM jobs WHERE job_key = ?", (job_key,)).fetchone()
     return None if row is None else row["status"]
+
+
+def record_job_error(connection: sqlite3.Connection, job_key: str, error: str) -> None:
+    """Mark an ingested job as "error" for a reason its phase records cannot hold: its worker
+    process or cluster job died outside them (raised, was killed, ran out of memory)."""
+    with transaction(connection):
+        connection.execute("UPDATE jobs SET status = 'error', error = ?, updated_at = ? WHERE job_key = ?",
+                           (error, _now(), job_key))
 
 
 def _write_job_row(connection: sqlite3.Connection, job: Job, root: Path, status: str, error: str | None) -> None:

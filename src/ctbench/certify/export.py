@@ -16,8 +16,9 @@ robust) iff some Y_i >= Y_y with i != y:
 
 A verifier that proves the region empty certifies the sample. Bounds are written as decimals
 without exponent (SMT-LIB has none), the shortest that read back as the same float64.
-``export_vnnlib`` also writes ``instances.csv`` (onnx path, property path, timeout per line),
-the VNN-COMP benchmark index.
+``export_vnncomp_benchmark`` writes a benchmark folder as the competition expects it: the model in
+``onnx/``, the properties in ``vnnlib/`` and ``instances.csv`` (onnx, property, timeout per line)
+with paths relative to the folder.
 """
 from __future__ import annotations
 
@@ -90,10 +91,8 @@ def write_vnnlib(path: Path | str, x: Tensor, label: int, eps: float, num_classe
 
 
 def export_vnnlib(images: Tensor, labels: Tensor, indices: Iterable[int], eps: float, out_dir: Path | str,
-                  num_classes: int, *, onnx_path: Path | str | None = None, timeout: float = 1000.0,
-                  data_range: tuple[float, float] = (0.0, 1.0)) -> list[Path]:
-    """One ``prop_<index>.vnnlib`` per sample (uint8 images are divided by 255) and, with
-    ``onnx_path``, ``instances.csv`` listing (onnx, property, timeout) per sample."""
+                  num_classes: int, data_range: tuple[float, float] = (0.0, 1.0)) -> list[Path]:
+    """One ``prop_<index>.vnnlib`` per sample in ``out_dir`` (uint8 images are divided by 255)."""
     out_dir = Path(out_dir)
     paths = []
     for index in indices:
@@ -102,8 +101,21 @@ def export_vnnlib(images: Tensor, labels: Tensor, indices: Iterable[int], eps: f
         path = write_vnnlib(out_dir / f"prop_{index}.vnnlib", x, int(labels[index]), eps, num_classes, data_range,
                             comment=f"ctbench property: test sample {index}, eps {eps!r}")
         paths.append(path)
-    if onnx_path is not None:
-        onnx_path = Path(onnx_path)
-        rows = [f"{onnx_path.resolve()},{p.resolve()},{timeout:g}" for p in paths]
-        atomic_write_text(out_dir / "instances.csv", "\n".join(rows) + "\n")
     return paths
+
+
+def export_vnncomp_benchmark(model: nn.Module, input_shape: Sequence[int], images: Tensor, labels: Tensor,
+                             indices: Iterable[int], eps: float, folder: Path | str, num_classes: int, *,
+                             name: str = "model", timeout: float = 1000.0,
+                             data_range: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """A benchmark folder as VNN-COMP lays them out: ``onnx/<name>.onnx``, ``vnnlib/prop_<i>.vnnlib``
+    and ``instances.csv`` (onnx, property, timeout per line) whose paths are relative to the
+    folder, so the folder can be moved or shipped as it is. Returns the instances file."""
+    folder = Path(folder)
+    onnx_path = export_onnx(model, folder / "onnx" / f"{name}.onnx", input_shape)
+    properties = export_vnnlib(images, labels, indices, eps, folder / "vnnlib", num_classes, data_range)
+    rows = [f"{onnx_path.relative_to(folder).as_posix()},{path.relative_to(folder).as_posix()},{timeout:g}"
+            for path in properties]
+    instances = folder / "instances.csv"
+    atomic_write_text(instances, "\n".join(rows) + "\n")
+    return instances

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import FILES_DATASET, ConfigError, DataConfig
 from ..models import InputSpec
 from ..registry import Registry
 
@@ -68,7 +68,9 @@ class DatasetInfo:
     load: Callable[[Path, bool], tuple[Split, Split]]  # (root, download) -> (train, test)
 
 
-DATASETS: Registry[DatasetInfo] = Registry("dataset", key="data.dataset")
+DATASETS: Registry[DatasetInfo] = Registry(
+    "dataset", key="data.dataset", plugin_group="ctbench.datasets",
+    hint=f"Your own files (IDX, image folder, .npz, .pt): data.dataset: {FILES_DATASET} with data.path.")
 
 
 def data_root(data_dir: str | os.PathLike | None) -> Path:
@@ -80,6 +82,25 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     info = DATASETS.get(name)
     train, test = info.load(data_root(data_dir), download)
     return Dataset(name, info.spec, train, test, info.augmentation)
+
+
+def input_spec(data: DataConfig) -> InputSpec:
+    """The input spec of a config's data section: the registered dataset's, or for your own files the
+    one data.shape, data.classes, data.mean and data.std give (no need to read the files)."""
+    if data.dataset == FILES_DATASET:
+        from .files import files_spec
+
+        return files_spec(data)
+    return DATASETS.get(data.dataset).spec
+
+
+def load_data(data: DataConfig, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """The dataset of a config's data section; ``data_dir`` (e.g. --data-dir) replaces data.data_dir."""
+    if data.dataset == FILES_DATASET:
+        from .files import load_files
+
+        return load_files(data)
+    return load_dataset(data.dataset, data_dir or data.data_dir, data.download)
 
 
 def split_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:

@@ -22,8 +22,9 @@ _IDX_TYPES = {0x08: np.uint8}
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read a gzip IDX file (magic: two zero bytes, type code, number of dims; big-endian sizes)."""
-    with gzip.open(path, "rb") as handle:
+    """Read an IDX file, gzipped when its name ends in .gz (magic: two zero bytes, type code, number
+    of dims; big-endian sizes)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
         raw = handle.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")

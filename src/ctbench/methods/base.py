@@ -104,4 +104,4 @@ class Method:
                            random_start=attack.random_start, precision=attack.precision)
 
 
-METHODS: Registry[type[Method]] = Registry("method", key="method.name")
+METHODS: Registry[type[Method]] = Registry("method", key="method.name", plugin_group="ctbench.methods")

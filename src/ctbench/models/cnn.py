@@ -26,7 +26,7 @@ class InputSpec:
 
 
 ModelBuilder = Callable[[InputSpec, bool], nn.Sequential]
-MODELS: Registry[ModelBuilder] = Registry("model", key="model.architecture")
+MODELS: Registry[ModelBuilder] = Registry("model", key="model.architecture", plugin_group="ctbench.models")
 
 
 def _conv_stack(spec: InputSpec, batch_norm: bool, convs, linear_widths) -> nn.Sequential:

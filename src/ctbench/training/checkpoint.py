@@ -47,8 +47,10 @@ def model_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, naming the first mismatching tensor and the likely cause when they do not fit."""
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                     fix: str = "Use the config the checkpoint was trained with (its run folder's config.yaml).") -> None:
+    """Load weights, naming the first mismatching tensor and the likely cause (and ``fix``) when
+    they do not fit."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -63,6 +65,5 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             details.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         if unexpected:
             details.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-        raise CheckpointError(f"{source} was saved from another architecture: " + "; ".join(details)
-                              + ". Use the config the checkpoint was trained with (its run folder's config.yaml).")
+        raise CheckpointError(f"{source} was saved from another architecture: " + "; ".join(details) + f". {fix}")
     model.load_state_dict(state)

@@ -35,7 +35,7 @@ from ..attacks import PGDSettings
 from ..config import (
     SAFE_CHANGES, ConfigError, TrainConfig, config_changes, config_to_dict, dump_yaml, saved_config_from_dict,
 )
-from ..data import Dataset, Split, iterate_batches, load_dataset, num_batches, split_validation
+from ..data import Dataset, Split, iterate_batches, load_data, num_batches, split_validation
 from ..evaluation import EvaluationResult, evaluate
 from ..io import atomic_write_json
 from ..methods import METHODS, Method
@@ -175,7 +175,7 @@ class Trainer:
         self.device = parallel.device if parallel else resolve_device(config.device)
         self.method = make_method(config)
         data = config.data
-        self.dataset = dataset or load_dataset(data.dataset, data.data_dir, data.download)
+        self.dataset = dataset or load_data(data)
         train = self._training_images()
         self.train_split, self.validation_split = split_validation(train, data.validation_size, config.seed)
         self.augmentation = dataclasses.replace(self.dataset.augmentation, padding_mode=data.padding_mode)

@@ -223,6 +223,31 @@ def test_ctrl_c_in_train_keeps_the_last_checkpoint_and_resume_finishes_the_run(t
     assert (run / "final.pt").exists()
 
 
+def test_sigterm_stops_train_like_ctrl_c_even_with_sigint_ignored(tmp_path, capsys, monkeypatch):
+    """A scheduler's or kill's SIGTERM, and a SIGINT to a command the shell started in the
+    background (which starts with SIGINT ignored), keep the checkpoint and exit 128 + signal."""
+    import os
+    import signal
+
+    train_epoch = Trainer._train_epoch
+    for number in (signal.SIGTERM, signal.SIGINT):
+        def signal_in_epoch_2(self, epoch, *args):
+            if epoch == 1:
+                os.kill(os.getpid(), number)
+            return train_epoch(self, epoch, *args)
+
+        monkeypatch.setattr(Trainer, "_train_epoch", signal_in_epoch_2)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code, err = train_cli(capsys, tmp_path / number.name, *SMALL)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert code == 128 + number
+        assert "interrupted: the last checkpoint is kept" in err
+        assert (tmp_path / number.name / "checkpoint.pt").exists() and not (tmp_path / number.name / "final.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command restores the handlers
+
+
 def test_ctrl_c_in_certify_counts_the_verdicts_kept(tmp_path, capsys, monkeypatch):
     config = demo(*SMALL, "model.architecture=cnn3")
     run = tmp_path / "run"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -691,14 +693,39 @@ def main_with_args(args) -> int:
     from .training import CheckpointError
 
     try:
-        return args.run(args)
+        with _stopping_on_signals() as received:
+            return args.run(args)
     except KeyboardInterrupt:
         _report_interrupt(args)
-        return 130
+        return 128 + received.get("signal", signal.SIGINT)
     except (ConfigError, DataError, CheckpointError, FloatingPointError, InvalidVerdict, CertifyInputError,
             ProvenanceMismatch, OnnxImportError) as error:
         print(f"ctbench: error: {error}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _stopping_on_signals():
+    """SIGTERM (kill, a scheduler's stop) and SIGINT stop a command as Ctrl-C does: checkpoints and
+    verdicts are kept and it can resume. SIGINT is handled even where the shell started the command
+    in the background with SIGINT ignored. Yields {"signal": number} once one arrived."""
+    import threading
+
+    received: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+
+    def stop(number, frame):
+        received["signal"] = number
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _report_interrupt(args) -> None:

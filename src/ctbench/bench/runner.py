@@ -161,7 +161,10 @@ def available_cores() -> int:
 
 
 def _worker(task: list[Job], root: str, threads: int) -> None:
-    """A worker process: one task with ``threads`` torch threads; exit code 130 when interrupted."""
+    """A worker process: one task with ``threads`` torch threads; exit code 130 when interrupted
+    (SIGINT, also where the coordinator was started with SIGINT ignored, or SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_task(task, root, threads=threads)
     except KeyboardInterrupt:

@@ -134,8 +134,9 @@ def fake_job_folder(job, root, natural: float, certified: float, adversarial: fl
         common = dict(index=index, label=1, eps=job.config["eps"]["test_eps"], provenance=provenance, seconds=0.5)
         if index < wrong:
             verdicts.append(Verdict(verdict="wrong", stage="clean", predicted=2, **common))
-        elif index < wrong + certified_count:
-            verdicts.append(Verdict(verdict="certified", stage="ibp", predicted=1, margin_lower=0.5, **common))
+        elif index < wrong + certified_count:  # the last certified sample needs CROWN-IBP
+            stage = "ibp" if index < wrong + certified_count - 1 else "crown-ibp"
+            verdicts.append(Verdict(verdict="certified", stage=stage, predicted=1, margin_lower=0.5, **common))
         elif index < wrong + robust:
             detail = "timeout; domains=3" if index < wrong + certified_count + timeouts else None
             verdicts.append(Verdict(verdict="unknown", stage="bab", predicted=1, detail=detail, **common))
@@ -188,6 +189,8 @@ def test_table_shows_mean_and_std_over_seeds_beside_the_literature_and_marks_the
     assert ibp_natural.mean == pytest.approx(98.5) and ibp_natural.n == 3
     assert ibp_natural.std == pytest.approx(statistics.stdev([98.5, 99.0, 98.0]))
     assert rows["sabr"].cells["ours_seeds"].text == "2/3" and rows["ibp"].cells["ours_seeds"].text == "3/3"
+    ibp_certified = rows["ibp"].cells["ours_ibp_certified"]  # one sample per model needed CROWN-IBP
+    assert ibp_certified.mean == pytest.approx(statistics.fmean([97.0, 97.0, 96.5])) and ibp_certified.n == 3
     assert rows["ibp"].cells["literature_natural"].mean == 98.84
     assert rows["ibp"].cells["literature_cite"].text == "Shi et al. (2021)"
     assert rows["sabr"].cells["ctbench_paper_seeds_certified"].std == 0.03

@@ -15,6 +15,7 @@ with a single compared figure in a setting marks nothing.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ METHOD_NAMES = {"standard": "Standard", "pgd": "PGD", "edac": "EDAC", "ibp": "IB
 FIGURE_SOURCES = ("literature", "ctbench_paper", "ctbench_paper_seeds", "later_literature", "reference_implementation",
                   "reference_implementation_seeds")
 TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
-SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "train_seconds": "Train s",
+SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "ibp_certified": "IBP-cert.",
+         "train_seconds": "Train s",
          "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source"}
 
 
@@ -93,9 +95,19 @@ def _placeholders(keys: list[str]) -> str:
 def _job_rows(connection: sqlite3.Connection, jobs: tuple[Job, ...]) -> dict[str, sqlite3.Row]:
     keys = [job.job_key for job in jobs]
     query = (f"SELECT j.job_key, j.status, r.complete, r.natural_accuracy, r.certified_accuracy, "
-             f"r.adversarial_accuracy FROM jobs j LEFT JOIN results r ON r.job_key = j.job_key "
+             f"r.adversarial_accuracy, r.certified_by_stage, r.samples FROM jobs j LEFT JOIN results r "
+             f"ON r.job_key = j.job_key "
              f"WHERE j.job_key IN ({_placeholders(keys)})")
     return {row["job_key"]: row for row in connection.execute(query, keys)} if keys else {}
+
+
+def _accuracies(row: sqlite3.Row, ibp_stage: bool) -> dict[str, float | None]:
+    """A job's accuracies as fractions; IBP-certified is the share the cascade's ibp stage
+    certified (None when the cascade has no ibp stage)."""
+    by_stage = json.loads(row["certified_by_stage"] or "{}")
+    return {"natural": row["natural_accuracy"], "certified": row["certified_accuracy"],
+            "adversarial": row["adversarial_accuracy"],
+            "ibp_certified": by_stage.get("ibp", 0) / row["samples"] if ibp_stage and row["samples"] else None}
 
 
 def _variant(job: Job) -> str:
@@ -135,8 +147,9 @@ def _ours(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]]
     for key, jobs in grouped.items():
         finished = [stored[j.job_key] for j in jobs if j.job_key in stored and stored[j.job_key]["status"] == "done"
                     and stored[j.job_key]["complete"]]
-        cells = {metric: summary_value([100 * row[f"{metric}_accuracy"] for row in finished
-                                        if row[f"{metric}_accuracy"] is not None]) for metric in FIGURE_METRICS}
+        accuracies = [_accuracies(row, "ibp" in jobs[0].certify.stages) for row in finished]
+        cells = {metric: summary_value([100 * found[metric] for found in accuracies if found[metric] is not None])
+                 for metric in FIGURE_METRICS}
         cells["seeds"] = Value(text=f"{len(finished)}/{len(jobs)}")
         ours[key] = cells
         failed = [j.label for j in jobs if j.job_key in stored and stored[j.job_key]["status"] == "error"]

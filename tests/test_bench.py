@@ -438,3 +438,24 @@ def test_two_configs_of_one_method_are_two_rows_never_averaged(tmp_path):
     assert rows[0].method_name.startswith("IBP (mnist-0.1/ibp; ") and "regularization.l1=0" in rows[1].method_name
     assert all(row.cells["literature_natural"].mean == 98.84 for row in rows)
     assert len(time_table(connection, suite).rows) == 2
+
+
+def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():
+    """benchmarks/suites/mnist-mini-arms.yaml: every arm's config differs from the suite
+    mnist-mini's default job of the same preset and seed exactly in the keys it overrides."""
+    from pathlib import Path
+
+    def flat(config, prefix=""):
+        for key, value in config.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = {(job.setting, job.method, job.seed): dict(flat(job.config)) for job in load_suite("mnist-mini").jobs}
+    arms = load_suite(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "mnist-mini-arms.yaml"))
+    assert len(arms.jobs) == 36
+    for job in arms.jobs:
+        default, config = defaults[(job.setting, job.method, job.seed)], dict(flat(job.config))
+        changed = {key for key in config if config[key] != default.get(key)}
+        assert changed == {override.split("=")[0] for override in job.overrides}, job.label

@@ -72,12 +72,40 @@ def test_train_takes_your_network_and_tensors_and_trains_the_network_in_place(tm
     assert main(["train", str(tmp_path / "run"), "--resume", "--quiet"]) == 2
 
 
+class ResidualNet(nn.Module):
+    """A custom forward: a residual block and average pooling, as a user writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), \
+            nn.Conv2d(4, 4, 3, padding=1)
+        self.pool, self.head = nn.AvgPool2d(2), nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        return self.head(self.pool(x).flatten(1))
+
+
+def test_train_and_certify_a_custom_module_with_a_residual_block_and_average_pooling(tmp_path):
+    images, labels = small_images()
+    model = ResidualNet()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    results = ctbench.train("mnist-mini-0.1/ibp", model=model, data=(images, labels), out=tmp_path / "run",
+                            overrides={**QUICK, "model.init": "keep", "model.batch_norm": False})
+    assert results["validation"]["samples"] == 64
+    assert any(not torch.equal(before[key], value) for key, value in model.state_dict().items())  # trained in place
+    result = ctbench.certify(model, images[:8], labels[:8], eps=0.01, stages="ibp,crown-ibp,attack", timeout=5)
+    assert len(result.verdicts) == 8 and {v.verdict for v in result.verdicts} <= {"certified", "falsified", "wrong",
+                                                                                 "unknown"}
+
+
 def test_train_names_what_is_wrong_with_the_network_the_data_or_the_overrides(tmp_path):
     images, labels = small_images()
     train = lambda **kw: ctbench.train("mnist-mini-0.1/ibp", out=tmp_path / "run", **kw)  # noqa: E731
     with pytest.raises(ConfigError, match="model gives 5 outputs but the data has 6 classes"):
         train(model=mlp(5), data=(images, torch.where(labels == 2, 5, labels)), overrides=QUICK)
-    with pytest.raises(ConfigError, match="ending in an nn.Linear"):
+    with pytest.raises(ConfigError, match="must end in an nn.Linear layer.*its output comes from Relu"):
         train(model=nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.ReLU()), data=(images, labels), overrides=QUICK)
     with pytest.raises(ConfigError, match="does not take images of shape"):
         train(model=nn.Sequential(nn.Flatten(), nn.Linear(50, 3)), data=(images, labels), overrides=QUICK)

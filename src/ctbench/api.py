@@ -1,8 +1,9 @@
 """The public Python API, also reachable from the package: ``ctbench.train``,
 ``ctbench.evaluate``, ``ctbench.certify`` and ``ctbench.bounds.ibp`` / ``ctbench.bounds.crown``.
 
-Networks are ``nn.Sequential`` of the layers ctbench lowers (``models.ops.LOWERINGS``) ending in
-an ``nn.Linear``; data are (images, labels) tensors: images (N, C, H, W) as floats in [0, 1]
+Networks are ``nn.Sequential`` of the layers ctbench lowers (``models.ops.LOWERINGS``), or any
+module that torch.fx traces into them (residual additions, concatenations, pooling), whose output
+is an ``nn.Linear`` (the logits); data are (images, labels) tensors: images (N, C, H, W) as floats in [0, 1]
 or as uint8 (divided by 255), labels (N,) integers. Every function checks its inputs and
 raises an error that names the cause and the fix (``ConfigError`` for configs and data,
 ``CertifyInputError`` for eps and images out of range). Nothing is printed.
@@ -23,7 +24,7 @@ ConfigSource = str | Path | TrainConfig | Mapping[str, Any]
 ProgressFactory = Callable[[Iterable, int, str], Iterable]
 
 
-def train(config: ConfigSource, model: nn.Sequential | None = None, data: Data | None = None,
+def train(config: ConfigSource, model: nn.Module | None = None, data: Data | None = None,
           out: str | Path | None = None, *, overrides: Mapping[str, Any] | None = None,
           test_data: Data | None = None, resume: bool = False, allow_change: bool = False,
           init_from: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -54,7 +55,7 @@ def train(config: ConfigSource, model: nn.Sequential | None = None, data: Data |
     return trainer.fit(resume=resume)
 
 
-def evaluate(model: nn.Sequential, inputs: Tensor, labels: Tensor, eps: float, attack: str | None = "pgd", *,
+def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, eps: float, attack: str | None = "pgd", *,
              steps: int | None = None, restarts: int | None = None, crown_ibp: bool = False,
              batch_size: int = 1000) -> dict:
     """Natural, IBP-certified (with ``crown_ibp`` also IBP-or-CROWN-IBP-certified) and
@@ -138,8 +139,9 @@ def user_dataset(train: Data, test: Data | None, model: nn.Module | None):
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp(min=1e-3)
     classes = max(int(split.labels.max()) + 1 for split in splits)
-    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
-        classes = max(classes, model[-1].out_features)  # a class may be missing from the labels
+    last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:] if model is not None else []
+    if last_linear:
+        classes = max(classes, last_linear[0].out_features)  # a class may be missing from the labels
     spec = InputSpec(images.shape[1], images.shape[2], classes, tuple(mean.tolist()), tuple(std.tolist()))
     test_split = splits[1] if test is not None else Split(images[:0], splits[0].labels[:0])
     return Dataset("user", spec, splits[0], test_split, Augmentation())
@@ -160,18 +162,22 @@ def _checked_pair(pair: Data, name: str) -> Data:
 
 
 def check_model(model: nn.Module, spec) -> None:
-    """A network ctbench can train on inputs of ``spec``: lowered by ctbench, ending in a
-    Linear layer with one output per class."""
-    from .models.ops import lower_network, run_ops
+    """A network ctbench can train on inputs of ``spec``: an ``nn.Sequential`` or any module
+    torch.fx traces into ops ctbench lowers (residual additions, concatenations, pooling, ...),
+    whose output is a Linear layer with one output per class (the logits)."""
+    from .models.ops import LinearOp, lower_network, network_ops, run_ops
 
-    if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):
-        raise ConfigError(f"model must be an nn.Sequential ending in an nn.Linear layer (the logits), got "
-                          f"{type(model).__name__}" + (f" ending in {type(model[-1]).__name__}"
-                                                       if isinstance(model, nn.Sequential) else ""))
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
     try:
         network = lower_network(model, detach=True)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model: {error}") from None
+    ops = network_ops(network)
+    if not ops or not isinstance(ops[-1], LinearOp):
+        last = type(ops[-1]).__name__.removesuffix("Op") if ops else "nothing"
+        raise ConfigError(f"model must end in an nn.Linear layer, whose outputs are the logits; its output comes "
+                          f"from {last}")
     parameter = next(model.parameters())
     probe = torch.zeros(1, spec.channels, spec.size, spec.size, dtype=parameter.dtype, device=parameter.device)
     try:

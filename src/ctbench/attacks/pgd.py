@@ -76,7 +76,7 @@ def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return others.max(dim=1).values - true
 
 
-def _step_sizes(settings: PGDSettings) -> list[float]:
+def step_sizes(settings: PGDSettings) -> list[float]:
     """Each step's length as a fraction of the box width."""
     base = settings.step_size / 2 if settings.step_relative_to == "half_width" else settings.step_size
     sizes = []
@@ -86,20 +86,18 @@ def _step_sizes(settings: PGDSettings) -> list[float]:
     return sizes
 
 
-def _start(points: Tensor, buffer: Tensor, lower: Tensor, upper: Tensor, origin: Tensor | None, kind: str,
-           generator: torch.Generator | None) -> None:
-    """Fill the (restarts, B, ...) view ``points`` (of ``buffer``) with the start points, in place."""
+def place_start(points: Tensor, lower: Tensor, upper: Tensor, origin: Tensor | None, kind: str) -> None:
+    """Turn ``points``, uniform noise in [0, 1) (anything for "center"), into the start points
+    of ``kind`` in the box, in place; the box broadcasts against ``points``."""
     if kind == "center":
         points.copy_(((lower + upper) / 2).expand_as(points))
         return
-    buffer.uniform_(generator=generator)
     if kind == "uniform":
         points.mul_(upper - lower).add_(lower)
         return
     center = (lower + upper) / 2 if origin is None else origin.detach()
     points.sub_(0.5).mul_(upper - lower).add_(center)  # noise of the half-width around the origin
-    torch.maximum(points, lower, out=points)
-    torch.minimum(points, upper, out=points)
+    points.clamp_(lower, upper)
 
 
 def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSettings,
@@ -121,13 +119,15 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
     buffer = torch.empty((restarts * batch, *lower.shape[1:]), dtype=lower.dtype, device=lower.device,
                         memory_format=box_memory_format(lower))
     points = buffer.view(restarts, *lower.shape)  # the same storage, one row of boxes per restart
-    _start(points, buffer, lower, upper, origin, settings.random_start, generator)
+    if settings.random_start != "center":
+        buffer.uniform_(generator=generator)
+    place_start(points, lower, upper, origin, settings.random_start)
     targets = labels.repeat(restarts, *([1] * (labels.dim() - 1)))
     best_point = buffer.clone()
     dtype = PRECISIONS[resolve_precision(settings.precision, buffer.device)]
     autocast = torch.autocast(buffer.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     best_loss = torch.full((targets.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
-    for step_size in _step_sizes(settings) + [None]:
+    for step_size in step_sizes(settings) + [None]:
         last = step_size is None  # only scored
         point = buffer.detach().requires_grad_(not last)  # the graph of each step is freed before the update
         with torch.set_grad_enabled(not last), autocast:
@@ -141,8 +141,7 @@ def pgd_attack(logits_fn: LogitsFn, box: Box, labels: Tensor, settings: PGDSetti
         if last:
             break
         points.addcmul_(width, gradient.sign_().view_as(points), value=step_size)
-        torch.maximum(points, lower, out=points)
-        torch.minimum(points, upper, out=points)
+        points.clamp_(lower, upper)
     winner = best_loss.view(restarts, batch).argmax(dim=0)
     best_point = best_point.view(restarts, batch, *best_point.shape[1:])
     return best_point[winner, torch.arange(batch, device=labels.device)]

@@ -2,8 +2,8 @@
 
 The network is split so that the head holds its last ``classifier_size`` ReLU layers. IBP
 bounds the latent features of the eps box; inside that latent box, each margin z_i - z_y
-(i != y) gets its own PGD attack on the head (K-1 points per sample, batched). The head's
-outputs at those points form the worst-case logits of the TAPS cross-entropy. Gradients reach
+(i != y) gets its own PGD attack on the head (K-1 points per sample, ``attacks.margin_pgd``).
+The head's outputs at those points form the worst-case logits of the TAPS cross-entropy. Gradients reach
 the latent box bounds through a rectified linear link: for the upper bound, weight 0 where
 the point lies below ub - c (ub - lb) rising linearly to 1 at ub (c = 0.5), symmetrically for
 the lower bound; that gradient is multiplied by ``gradient_scale``. L_rob = TAPS-CE x IBP-CE.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attacks import pgd_attack
+from ..attacks.margin_pgd import flatten_in_memory_order, margin_pgd
 from ..bounds import Box, ibp_margin_lower, interval_bounds, worst_case_logits
 from ..models.ops import FlattenOp, Network, ReluOp, is_dag, run_ops
 from .base import METHODS, Method, RobustLoss, StepInputs
@@ -66,20 +66,37 @@ def split_index(ops: Network, classifier_size: int) -> int:
     return index
 
 
-def scale_gradient(tensor: Tensor, scale: float) -> Tensor:
-    """Identity forward; the gradient is multiplied by ``scale``."""
-    return tensor.detach() + scale * (tensor - tensor.detach())
+class _GradientLink(torch.autograd.Function):
+    """Identity on the detached attack points (B, T, ...); backward, the gradient g of the point
+    of sample b and target j reaches sample b's upper bound as gradient_scale x w_up x g and its
+    lower bound as gradient_scale x w_low x g, summed over j, where w_up rises linearly from 0 at
+    ub - c (ub - lb) to 1 at ub (c = LINK_FRACTION) and w_low symmetrically. The weights are formed
+    one target at a time in the backward pass: no temporary holds all B x T points (TAPS on
+    CNN7 would fault in a dozen of 0.2 GB each)."""
+
+    @staticmethod
+    def forward(ctx, point: Tensor, lower: Tensor, upper: Tensor, gradient_scale: float) -> Tensor:
+        ctx.save_for_backward(point, lower, upper)
+        ctx.gradient_scale = gradient_scale
+        return point
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        point, lower, upper = ctx.saved_tensors
+        band = (LINK_FRACTION * (upper - lower)).clamp(min=1e-12)
+        upper_start, lower_end = upper - band, lower + band
+        lower_grad, upper_grad = torch.zeros_like(lower), torch.zeros_like(upper)
+        for target in range(point.shape[1]):
+            scaled = grad[:, target] * ctx.gradient_scale
+            upper_grad += ((point[:, target] - upper_start) / band).clamp_(0, 1) * scaled
+            lower_grad += ((lower_end - point[:, target]) / band).clamp_(0, 1) * scaled
+        return None, lower_grad, upper_grad, None
 
 
 def linked_point(point: Tensor, latent: Box, gradient_scale: float) -> Tensor:
-    """The attack point (value unchanged) with the rectified linear gradient link to the box bounds."""
-    lower, upper = latent.lower.unsqueeze(1), latent.upper.unsqueeze(1)
-    band = (LINK_FRACTION * (upper - lower)).detach().clamp(min=1e-12)
-    point = point.detach()
-    upper_weight = ((point - (upper.detach() - band)) / band).clamp(0, 1)
-    lower_weight = (((lower.detach() + band) - point) / band).clamp(0, 1)
-    link = upper_weight * (upper - upper.detach()) + lower_weight * (lower - lower.detach())
-    return point + scale_gradient(link, gradient_scale)
+    """The attack points (B, T, ...) (values unchanged) with the rectified linear gradient link to
+    the latent box bounds (B, ...), scaled by ``gradient_scale``."""
+    return _GradientLink.apply(point.detach(), latent.lower, latent.upper, gradient_scale)
 
 
 def _target_margin(logits: Tensor, label_and_target: Tensor) -> Tensor:
@@ -97,11 +114,10 @@ def taps_loss(method: Method, step: StepInputs, box: Box, options: TapsOptions) 
     others = torch.arange(classes, device=labels.device).expand(batch, classes)
     targets = others[others != labels[:, None]].view(batch, classes - 1)
     pairs = torch.stack([labels[:, None].expand_as(targets), targets], dim=2).flatten(0, 1)
-    expanded = latent.detach().repeat(classes - 1, interleave=True)
     settings = method.attack_settings(latent_step_fraction(method.config.attack.steps))
-    points = pgd_attack(lambda z: run_ops(attack_head, z), expanded, pairs, settings, loss_fn=_target_margin)
-    points = points.view(batch, classes - 1, *points.shape[1:])
-    head_logits = run_ops(head, linked_point(points, latent, options.gradient_scale).flatten(0, 1))
+    points = margin_pgd(tuple(attack_head), latent.detach(), labels, targets, settings)
+    head_input = linked_point(points, latent, options.gradient_scale).flatten(0, 1)
+    head_logits = run_ops(flatten_in_memory_order(tuple(head), head_input[:2]), head_input)
     margins = -_target_margin(head_logits, pairs).view(batch, classes - 1)  # z_y - z_t
     margin_lower = torch.zeros(batch, classes, dtype=margins.dtype, device=margins.device)
     margin_lower = margin_lower.scatter(1, targets, margins)

@@ -6,7 +6,13 @@ restarts included), eps at its full training value unless the row says warm-up. 
 (forward, cross-entropy, backward, Adam) is measured before and after the method rows; ratios
 are against their mean.
 
-    python benchmarks/step_time.py [--steps 5] [--threads 2] [--methods ibp,pgd] [--json]
+A row ``METHOD:floor`` times only the passes the method's attacks cannot avoid: the forward pass
+and input gradient (plain autograd, no projection or bookkeeping) of the network on the batch,
+attack steps x restarts times (SABR, PGD, EDAC, MTL-IBP, STAPS: the input attack), and of the
+head on the batch's K-1 latent points per sample, latent steps x restarts times (TAPS, STAPS).
+The method's step cannot be faster than that plus its bound pass (the IBP row).
+
+    python benchmarks/step_time.py [--steps 5] [--threads 2] [--methods ibp,pgd,staps:floor] [--json]
 """
 from __future__ import annotations
 
@@ -53,7 +59,12 @@ def measure(row: str, preset_setting: str, architecture: str, batch: int, steps:
     initialize(model, "ibp")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     eps = config.eps.train_eps / 2 if phase == "warmup" else config.eps.train_eps
-    if method_name == "plain":
+    if phase == "floor":  # in the trainer's memory format, as the method rows
+        if config.memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        step = attack_passes(model, make_method(config), config, images, labels, dataset.spec.classes)
+    elif method_name == "plain":
         model.train()
 
         def step():
@@ -85,6 +96,64 @@ def measure(row: str, preset_setting: str, architecture: str, batch: int, steps:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"method": row, "seconds": statistics.median(times), "peak_memory_mb": peak, "eps": eps,
             "steps_timed": steps}
+
+
+INPUT_ATTACK_METHODS = ("sabr", "pgd", "edac", "mtl_ibp", "staps")
+LATENT_ATTACK_METHODS = ("taps", "staps")
+
+
+def attack_passes(model, method, config, images, labels, classes):
+    """A step of only the forward passes and input gradients of the method's attacks (see the
+    module docstring), on the network lowered with the batch's BatchNorm statistics."""
+    import torch
+    import torch.nn.functional as F
+
+    from ctbench.bounds import interval_bounds
+    from ctbench.bounds.box import Box
+    from ctbench.methods.taps import split_index
+    from ctbench.models.ops import clean_forward, lower_network, run_ops
+
+    name, attack = config.method.name, config.attack
+    if name not in INPUT_ATTACK_METHODS + LATENT_ATTACK_METHODS:
+        raise SystemExit(f"floor rows are for attack-based methods ({', '.join(INPUT_ATTACK_METHODS + LATENT_ATTACK_METHODS)}), "
+                         f"not {name}")
+    with torch.no_grad():
+        _, stats = clean_forward(model, images)
+    ops = lower_network(model, stats.detached(), detach=True)
+
+    def passes(function, points, count):
+        for _ in range(count):
+            points.requires_grad_(True)
+            gradient, = torch.autograd.grad(function(points).sum(), points)
+            points = points.detach() + 0.01 * gradient.sign()  # new points for the next pass
+
+    def step():
+        if name in INPUT_ATTACK_METHODS:
+            passes(lambda x: F.cross_entropy(run_ops(ops, x), labels, reduction="none"), images.clone(),
+                   attack.steps * attack.restarts)
+        if name in LATENT_ATTACK_METHODS:
+            split = split_index(ops, method.options.classifier_size)
+            eps = config.eps.train_eps
+            with torch.no_grad():
+                latent = interval_bounds(ops[:split], Box((images - eps).clamp(0, 1), (images + eps).clamp(0, 1)))[-1]
+                points = latent.lower.repeat_interleave(classes - 1, dim=0)
+            targets = torch.arange(classes).repeat(labels.shape[0])[:points.shape[0]]
+            passes(lambda z: run_ops(ops[split:], z).gather(1, targets[:, None]), points,
+                   attack.steps * attack.restarts)
+    return step
+
+
+def cpu_line() -> str:
+    """The CPU's name and whether it has fast bfloat16 (what attack.precision: auto chooses)."""
+    import platform
+    from pathlib import Path
+
+    from ctbench.attacks.pgd import fast_bfloat16
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    fast = fast_bfloat16("cpu")
+    return (f"CPU: {names[0] if names else platform.processor()}; fast bfloat16 (avx512_bf16 or amx_bf16): "
+            f"{'yes' if fast else 'no'}, so attack.precision auto = {'bfloat16' if fast else 'float32'}")
 
 
 def main() -> None:
@@ -131,6 +200,8 @@ def main() -> None:
     print(f"{args.model.upper()}-BN, MNIST, batch {args.batch}, {args.threads} threads, {args.device}, "
           f"{args.setting} settings; median of {args.steps} steps; plain step {before['seconds']:.3f} s before, "
           f"{after['seconds']:.3f} s after")
+    if args.device == "cpu":
+        print(cpu_line())
     width = max(len(row["method"]) for row in table)
     print(f"{'step':{width}s} {'seconds':>9s} {'ratio':>7s} {'peak MB':>9s}")
     for row in table:

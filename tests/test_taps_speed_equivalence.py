@@ -156,3 +156,21 @@ def test_margin_pgd_in_reduced_precision_keeps_its_points_in_the_box():
     settings = PGDSettings(steps=3, restarts=2, precision="bfloat16")
     points = margin_pgd(tuple(step.attack_ops[split:]), latent, step.labels, targets, settings)
     assert ((points >= latent.lower.unsqueeze(1)) & (points <= latent.upper.unsqueeze(1))).all()
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [(7, 3, 2, 1), (8, 4, 2, 1), (9, 4, 3, 0), (6, 3, 1, 1)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
+def test_conv_input_gradient_equals_autograd(size, kernel, stride, padding, memory_format):
+    """The hand-written rule of a convolution gives autograd's input gradient, also where the
+    stride leaves input rows unread (odd sizes) and in channels-last memory."""
+    from ctbench.models.ops import ConvOp
+    generator = torch.Generator().manual_seed(size)
+    op = ConvOp(torch.randn(5, 3, kernel, kernel, generator=generator, dtype=torch.float64),
+                torch.randn(5, generator=generator, dtype=torch.float64), (stride, stride), (padding, padding))
+    x = torch.randn(4, 3, size, size, generator=generator, dtype=torch.float64).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    y = op(x)
+    grad = torch.randn(y.shape, generator=generator, dtype=torch.float64).contiguous(memory_format=memory_format)
+    expected = torch.autograd.grad(y, x, grad)[0]
+    saved = margin_pgd_module._saved_for_gradient(op, x.detach(), y.detach())
+    assert torch.allclose(margin_pgd_module._input_gradient(op, saved, grad), expected, rtol=0, atol=1e-12)

@@ -18,7 +18,6 @@ from ctbench.bounds.crown import (
 from ctbench.bounds.ibp import ibp_margin_lower
 from ctbench.certify import CertifySettings, certify
 from ctbench.certify.bab import BranchAndBound
-from ctbench.certify.milp import network_milp
 from ctbench.certify.rigorous import crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
 from ctbench.certify.soundness import margin_rows
 from ctbench.certify.stages import CertifyInputError
@@ -345,16 +344,12 @@ def test_rigorous_crown_with_optimized_slopes_holds_on_a_dag():
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages that need a chain
+# What needs a chain, or no max pooling (branch and bound and the MILP on DAGs:
+# test_complete_verifiers_dag)
 
 
-def test_branch_and_bound_milp_and_taps_refuse_a_dag():
+def test_taps_refuses_a_dag():
     network = lower_network(random_dag_network(13, "avg"), detach=True)
-    with pytest.raises(TypeError, match="chain networks only"):
-        BranchAndBound(network, network)
-    box = linf_box(random_inputs(14, batch=1), 0.1)
-    with pytest.raises(TypeError, match="chain networks only"):
-        network_milp(network, box, 0, 4)
     with pytest.raises(ValueError, match="DAG"):
         split_index(network, 1)
 
@@ -365,11 +360,11 @@ def test_branch_and_bound_refuses_max_pooling_in_a_chain():
         BranchAndBound(chain, chain)
 
 
-def test_the_cascade_refuses_bab_on_a_dag_before_writing_and_certifies_it_without(tmp_path):
+def test_the_cascade_refuses_bab_on_a_dag_with_max_pooling_before_writing_and_certifies_it_without(tmp_path):
     model = random_dag_network(15, "max", dtype=torch.float32)
     images = random_inputs(16, batch=6).float()
     labels = model(images).argmax(1)
-    with pytest.raises(CertifyInputError, match="bab.*--stages ibp,crown-ibp,attack,alpha-crown"):
+    with pytest.raises(CertifyInputError, match="bab.*MaxPoolOp.*--stages ibp,crown-ibp,attack,alpha-crown"):
         certify(model, (images, labels), 0.002, out_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     # cross_check: every certified sample is attacked too (a SoundnessError if one falls)

@@ -37,6 +37,14 @@ ordered by their margin lower bound, lowest first:
    (a BaBSR-like estimate of how much the chord relaxation of neuron j loosens the bound; A_j is
    the coefficient of relu(h_j) in the child's linear bound), ties broken by the gap alone.
 
+**Networks**: chains and DAGs (``models.ops.Graph``: residual connections, concatenations)
+alike, node by node (a node reads ``node.inputs``; a chain is the graph whose node k reads k - 1).
+A split is on a ReLU's input, the output of the node it reads: the bounds
+(``bounds.crown.backward``, ``rigorous.backward``) price it where the backward pass leaves the
+ReLU, a split-tightened ReLU input box replaces that node's box for every reader (a skip
+connection too), and a leaf's row for a split neuron is a rigorous backward pass through the
+nodes up to that node. Max pooling is refused (``check_network``).
+
 The search ends certified when the queue empties (every domain closed), falsified on a
 confirmed counterexample, unknown on the time-out (``timeout``, paper 1000 s; checked between
 batches, so a search can overrun it by one batch), the domain limit, or an undecidable leaf.
@@ -61,9 +69,10 @@ from ..bounds.crown import (
     LinearBound, adaptive_alpha, apply_split, backward, concretize_lower, intermediate_bounds, layer_shapes,
     nonlinear_indices, relu_indices, relu_relaxation,
 )
-from ..bounds.ibp import ibp_step
+from ..bounds.ibp import ibp_node
 from ..models.ops import (
-    AvgPoolOp, ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Network, Op, ReluOp, ReshapeOp, require_chain, run_ops,
+    INPUT, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, LinearOp, Network, ReluOp, ReshapeOp,
+    as_graph, network_prefix, node_inputs, run_ops, source_of,
 )
 from . import milp, rigorous
 from .soundness import (
@@ -71,7 +80,7 @@ from .soundness import (
     margin_rows,
 )
 
-Decision = tuple[int, int, int]  # (ReLU op index, flat neuron index, sign -1 / +1)
+Decision = tuple[int, int, int]  # (ReLU node index, flat neuron index, sign -1 / +1)
 
 
 @dataclass(frozen=True)
@@ -138,13 +147,14 @@ class _Stop(Exception):
         self.result = result
 
 
-# Branch and bound splits ReLUs of a chain; max pooling and DAGs are refused (``check_network``).
-BAB_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp)
+# Branch and bound splits the ReLUs of a chain or a DAG; max pooling is refused (``check_network``).
+BAB_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp, AddOp, ConcatOp)
 
 
-def check_network(network: Network) -> tuple[Op, ...]:
-    """The network as a chain of ops branch and bound handles, else a TypeError that says why."""
-    return require_chain(network, BAB_OPS, "branch and bound")
+def check_network(network: Network) -> Network:
+    """The network (a chain or a DAG) when branch and bound handles its ops, else a TypeError
+    that says why."""
+    return milp.require_ops(network, BAB_OPS, "branch and bound")
 
 
 def auto_crown_layers(ops: Network, input_shape: tuple[int, ...], max_neurons: int) -> list[int]:
@@ -154,7 +164,7 @@ def auto_crown_layers(ops: Network, input_shape: tuple[int, ...], max_neurons: i
     return [index for index in nonlinear_indices(ops) if math.prod(shapes[index]) <= max_neurons]
 
 
-def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas, betas, signs,
+def split_bound(network: Network, box: Box, spec: Tensor, intermediate, alphas, betas, signs,
                 input_shape: tuple[int, ...], capture: bool = False):
     """CROWN lower bound of the spec rows over the box *and* the split half-spaces, with the
     split constraints priced in by Lagrange multipliers (beta-CROWN, Wang et al. 2021):
@@ -166,7 +176,7 @@ def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas,
     the ReLU. Every alpha in [0, 1] and beta >= 0 gives a sound bound (clamped here).
 
     Returns (lower (B, S), the bound at the input, and when ``capture`` a dict
-    {ReLU op index: (A w.r.t. its output, A w.r.t. its input before the beta term)})."""
+    {ReLU node index: (A w.r.t. its output, A w.r.t. its input before the beta term)})."""
     relaxations = {index: relu_relaxation(pre, alphas.get(index) if alphas else None)
                    for index, pre in intermediate.items()}
     captured: dict[int, tuple[Tensor, Tensor]] = {}
@@ -180,27 +190,28 @@ def split_bound(ops: Sequence[Op], box: Box, spec: Tensor, intermediate, alphas,
         return bound
 
     start = LinearBound(spec, torch.zeros(spec.shape[:2], dtype=spec.dtype, device=spec.device))
-    bound = backward(ops, start, input_shape, relaxations, after_relu=price_splits)
+    bound = backward(network, start, input_shape, relaxations, after_relu=price_splits)
     return concretize_lower(bound, box), bound, captured
 
 
 class BranchAndBound:
     """Complete verification of one sample at a time (see the module docstring).
 
-    ``ops32``/``ops64``: the network lowered in float32 / float64 (the float64 clean logits set
-    the safety threshold); ``net``: the real network every closed domain is proven on
+    ``ops32``/``ops64``: the network (a chain or a DAG) lowered in float32 / float64 (the
+    float64 clean logits set the safety threshold); ``net``: the real network every closed
+    domain is proven on, node for node the same
     (``rigorous.interval_network(model)``, as the cascade passes; default: ``ops64`` read as
     exact points, ``rigorous.point_network``, which is the model itself when it has no BatchNorm
     or Normalize layer); ``confirm(points, x, label)`` returns a bool per float32 candidate
     (N, *shape): True when the plain float32 forward pass of the model misclassifies it and it
     lies in the box. The cascade passes one built on ``verdicts.check_counterexample``."""
 
-    def __init__(self, ops32: Sequence[Op], ops64: Sequence[Op], settings: BabSettings = BabSettings(),
+    def __init__(self, ops32: Network, ops64: Network, settings: BabSettings = BabSettings(),
                  safety: SafetyMargin = SafetyMargin(),
                  confirm: Callable[[Tensor, Tensor, int], Tensor] | None = None,
-                 net: Sequence[rigorous.RigorousOp] | None = None) -> None:
+                 net: Network | None = None) -> None:
         self.ops32, self.ops64 = check_network(ops32), check_network(ops64)
-        self.net = tuple(net) if net is not None else rigorous.point_network(self.ops64)
+        self.net = net if net is not None else rigorous.point_network(self.ops64)
         self.settings = settings
         self.safety = safety
         self.confirm = confirm
@@ -339,27 +350,31 @@ class BranchAndBound:
                 continue
             self._bound_chunk(chunk, queue, iterations)
 
-    def _domain_intermediate(self, ops: Sequence[Op], box: Box, split: dict[int, Tensor],
+    def _domain_intermediate(self, network: Network, box: Box, split: dict[int, Tensor],
                              root: dict[int, Box]) -> dict[int, Box]:
         """Sound ReLU-input boxes of a batch of domains: the root's boxes tightened by the
-        splits and by IBP from the tightened earlier layers ("ibp"), or recomputed with CROWN
-        with the splits and intersected with the root's ("crown")."""
+        splits and by IBP from the tightened earlier nodes ("ibp"), or recomputed with CROWN
+        with the splits and intersected with the root's ("crown"). A tightened ReLU input
+        replaces the box of the node it reads for every reader (a skip connection too)."""
         with torch.no_grad():
             if self.settings.domain_intermediate == "crown":
                 return intersect_intermediate(
-                    intermediate_bounds(ops, box, self.settings.intermediate, split=split,
+                    intermediate_bounds(network, box, self.settings.intermediate, split=split,
                                         crown_layers=self._crown_layers), root)
             boxes: dict[int, Box] = {}
-            current = box
-            for index in range(self.relus[-1] + 1 if self.relus else 0):
-                op = ops[index]
-                if isinstance(op, ReluOp):
-                    bound = root[index]
-                    pre = Box(torch.maximum(current.lower, bound.lower), torch.minimum(current.upper, bound.upper))
+            outputs: list[Box] = []
+            graph = as_graph(network)
+            for index, node in enumerate(graph.nodes[:self.relus[-1] + 1] if self.relus else ()):
+                inputs = node_inputs(outputs, box, node)
+                if isinstance(node.op, ReluOp):
+                    bound, source = root[index], node.inputs[0]
+                    pre = Box(torch.maximum(inputs[0].lower, bound.lower), torch.minimum(inputs[0].upper, bound.upper))
                     pre = apply_split(pre, split.get(index))
                     boxes[index] = pre
-                    current = pre
-                current = ibp_step(op, current)
+                    inputs = [pre]
+                    if source != INPUT:
+                        outputs[source] = pre
+                outputs.append(ibp_node(node.op, inputs))
             return boxes
 
     def _optimize(self, box: Box, spec: Tensor, intermediate, signs, iterations: int, domains: Sequence[tuple]):
@@ -531,8 +546,9 @@ class BranchAndBound:
 
     def _leaf_rows(self, decisions: tuple[Decision, ...], bounds: list[Box]) -> tuple[Tensor, Tensor]:
         """LP rows G x <= h that every point of the leaf's real region satisfies: for a split
-        (j, s), ``rigorous.backward`` of the row -s e_j gives -s h_j(x) >= a . x + c there, and
-        s h_j(x) >= 0, so a . x <= -c."""
+        (j, s) of a ReLU whose input h is the output of node k, ``rigorous.backward`` of the row
+        -s e_j through the nodes up to k gives -s h_j(x) >= a . x + c there, and s h_j(x) >= 0,
+        so a . x <= -c."""
         rows_A, rows_b = [], []
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, neuron, sign in decisions:
@@ -543,7 +559,9 @@ class BranchAndBound:
             neurons = torch.tensor([n for n, _ in items], device=self._device)
             A[0, torch.arange(count, device=self._device), neurons] = torch.tensor(
                 [-s for _, s in items], dtype=torch.float64, device=self._device)
-            A_in, offset = rigorous.backward(self.net[:layer], bounds[:layer], A.view(1, count, *self._shapes[layer]))
+            source = source_of(self.net, layer)
+            A_in, offset = rigorous.backward(network_prefix(self.net, source + 1), bounds[:source + 1],
+                                             A.view(1, count, *self._shapes[layer]))
             rows_A.append(A_in[0].flatten(1))
             rows_b.append(-offset[0])
         n = math.prod(self._input_shape)

@@ -4,18 +4,23 @@
 constraint matrix): through ``highspy`` (the ``certify`` extra) when it is installed, else
 through ``scipy.optimize`` (which ships the same HiGHS solvers).
 
-``network_milp`` encodes a small ReLU network exactly (Tjeng et al. 2019): a continuous
-variable per input and per ReLU output, a binary per unstable neuron, big-M constants from
-sound intermediate bounds:
+``network_milp`` encodes a small ReLU network, a chain or a DAG (``models.ops.Graph``: residual
+connections, concatenations), exactly (Tjeng et al. 2019): a continuous variable per input and
+per ReLU output, a binary per unstable neuron, big-M constants from sound intermediate bounds:
 
     a >= 0,  a >= z,  a <= u * d,  a <= z - l * (1 - d),   d in {0, 1},
 
-where z = M a_prev + c is the pre-activation, an affine function of the previous layer's
-ReLU outputs (or of the input), and M is obtained by pushing the unit vectors through the
-affine ops between two ReLUs, so convolutions are expanded to dense matrices: this is meant for
-tiny networks only (``max_matrix_elements``). Stable neurons need no binary: a = z when
-l >= 0, a = 0 when u <= 0. The objective is a margin z_y - z_t; its minimum over the box is
-negative iff the network can be fooled into class t.
+where z = sum_b M_b v_b + c is the pre-activation, an affine function of the variable blocks v_b
+it depends on: the input and the outputs of earlier ReLU nodes (in a chain the previous ReLU
+layer only; in a DAG also those a residual connection or a concatenation carries forward). The
+nodes between the ReLUs are folded, in topological order, into such affine forms
+(``relu_input_forms``): an affine op (Linear, Conv, per-channel affine, average pooling,
+reshape) maps the offset through itself and each block of coefficients through its linear part,
+an add sums the forms of its inputs, a concatenation stacks them. The forms are dense
+(convolutions expanded to matrices): this is meant for tiny networks only
+(``max_matrix_elements``). Stable neurons need no binary: a = z when l >= 0, a = 0 when
+u <= 0. The objective is a margin z_y - z_t, an affine form of the variables too; its minimum
+over the box is negative iff the network can be fooled into class t.
 
 A MILP optimum is the solver's word, not a certificate: HiGHS works with feasibility and
 integrality tolerances, and a binary d that is off by its tolerance lets a <= u * d leak
@@ -27,6 +32,7 @@ problem's scale (``scaled_tolerance``) so that the leak stays small where the so
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -38,15 +44,27 @@ import torch
 from torch import Tensor
 
 from ..bounds.box import Box
-from ..bounds.crown import intermediate_bounds, layer_shapes, relu_indices
+from ..bounds.crown import intermediate_bounds, layer_shapes, output_shapes, relu_indices
 from ..models.ops import (
-    AvgPoolOp, ChannelAffineOp, ConvOp, FlattenOp, LinearOp, Network, Op, ReluOp, ReshapeOp, require_chain, run_ops,
+    INPUT, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, Graph, LinearOp, Network, Op, ReluOp,
+    ReshapeOp, apply_op, as_graph, network_ops,
 )
 
-# The MILP encodes a chain of affine segments between ReLU layers; max pooling and DAGs are refused.
-MILP_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp)
+# The MILP encodes every node of a chain or a DAG: affine forms between ReLU nodes, a binary per
+# unstable ReLU neuron; max pooling is refused (``require_ops``).
+MILP_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp, AddOp, ConcatOp)
 
 INF = math.inf
+
+
+def require_ops(network: Network, supported: tuple[type, ...], what: str) -> Network:
+    """The network (a chain or a DAG) when all its ops are of the ``supported`` types, else a
+    TypeError that says ``what`` handles only those."""
+    other = sorted({type(op).__name__ for op in network_ops(network) if not isinstance(op, supported)})
+    if other:
+        raise TypeError(f"{what} does not handle {', '.join(other)}; it supports "
+                        + ", ".join(t.__name__ for t in supported))
+    return network
 
 
 @dataclass(frozen=True)
@@ -209,20 +227,80 @@ def _solve_scipy(matrix, cost, row_lower, row_upper, col_lower, col_upper, integ
 
 
 # ----------------------------------------------------------------------------------------------
-# Affine segments of a network
+# The network as affine forms of the MILP's variables
 
 
-def affine_matrix(ops: Sequence[Op], input_shape: tuple[int, ...], dtype=torch.float64,
-                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """(M, c) with ops(h) = M h.flatten() + c for affine ``ops`` (no ReLU), by pushing the zero
-    vector and the unit vectors through them. M: (out, in), c: (out,)."""
-    size = math.prod(input_shape)
-    basis = torch.cat([torch.zeros(1, size, dtype=dtype, device=device),
-                       torch.eye(size, dtype=dtype, device=device)]).reshape(size + 1, *input_shape)
-    with torch.no_grad():
-        out = run_ops(ops, basis).flatten(1)
-    offset = out[0]
-    return (out[1:] - offset).T.contiguous(), offset
+@dataclass(frozen=True, eq=False)
+class AffineForm:
+    """A node's value as an affine function of variable blocks (the input x and the output of
+    every ReLU node): value = offset + sum_b coefficients[b]^T v_b. ``offset`` (1, *node shape);
+    ``coefficients[b]`` (size of block b, *node shape), row j the change of the value per unit
+    of v_b[j]; blocks are keyed by node index (``INPUT`` for x)."""
+
+    offset: Tensor
+    coefficients: dict[int, Tensor]
+
+    def matrices(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """({block: M_b (node neurons, block size)}, c): the value, flattened, is c + sum_b M_b v_b."""
+        return ({block: coefficient.flatten(1).T.cpu().numpy() for block, coefficient in self.coefficients.items()},
+                self.offset.flatten().cpu().numpy())
+
+
+def variable_form(block: int, shape: tuple[int, ...], dtype, device) -> AffineForm:
+    """The form of a variable block itself (the input, a ReLU's output): the identity."""
+    size = math.prod(shape)
+    return AffineForm(torch.zeros(1, *shape, dtype=dtype, device=device),
+                      {block: torch.eye(size, dtype=dtype, device=device).view(size, *shape)})
+
+
+def linear_part(op: Op) -> Op:
+    """The op without its constant term: h -> op(h) - op(0)."""
+    if isinstance(op, (LinearOp, ConvOp)):
+        return dataclasses.replace(op, bias=None)
+    if isinstance(op, ChannelAffineOp):
+        return ChannelAffineOp(op.scale, torch.zeros_like(op.shift))
+    return op  # reshapes, average pooling, add and concatenation are linear
+
+
+def propagate_form(op: Op, forms: Sequence[AffineForm]) -> AffineForm:
+    """The form of an affine op's output (an add and a concatenation included) from the forms of
+    its inputs: the offsets through the op, each block's coefficients through its linear part
+    (a block that an input does not depend on counts as zero there)."""
+    linear = linear_part(op)
+    sizes = {block: coefficient.shape[0] for form in forms for block, coefficient in form.coefficients.items()}
+    coefficients = {
+        block: apply_op(linear, [form.coefficients.get(block, form.offset.new_zeros(size, *form.offset.shape[1:]))
+                                 for form in forms])
+        for block, size in sizes.items()}
+    return AffineForm(apply_op(op, [form.offset for form in forms]), coefficients)
+
+
+def relu_input_forms(graph: Graph, input_shape: tuple[int, ...], max_matrix_elements: int, dtype,
+                     device) -> tuple[dict[int, AffineForm], AffineForm]:
+    """The form of the input of every ReLU node (keyed by the ReLU's index) and of the output,
+    node by node in topological order. Forms are dense (every coefficient of every variable the
+    node depends on), so this is for tiny networks only: a form of more than
+    ``max_matrix_elements`` coefficients is refused."""
+    shapes = output_shapes(graph, input_shape)
+    last_reader = {source: index for index, node in enumerate(graph.nodes) for source in node.inputs}
+    forms = {INPUT: variable_form(INPUT, input_shape, dtype, device)}
+    relu_inputs: dict[int, AffineForm] = {}
+    for index, node in enumerate(graph.nodes):
+        inputs = [forms[source] for source in node.inputs]
+        if isinstance(node.op, ReluOp):
+            relu_inputs[index] = inputs[0]
+            forms[index] = variable_form(index, shapes[index], dtype, device)
+        else:
+            with torch.no_grad():
+                forms[index] = propagate_form(node.op, inputs)
+            elements = sum(coefficient.numel() for coefficient in forms[index].coefficients.values())
+            if elements > max_matrix_elements:
+                raise ValueError(f"network too large for the dense MILP encoding (node {index}, "
+                                 f"{type(node.op).__name__}, has {elements} coefficients)")
+        for source in set(node.inputs):
+            if last_reader[source] == index:
+                del forms[source]  # read by no later node
+    return relu_inputs, forms[len(graph) - 1]  # the input's form (INPUT = -1) when there is no node
 
 
 @dataclass(frozen=True)
@@ -246,44 +324,35 @@ def scaled_tolerance(big_m: float) -> float:
     return max(1e-10, min(1e-9, 1e-9 / max(big_m, 1.0)))
 
 
-def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
+def network_milp(network: Network, box: Box, label: int, num_classes: int, *,
                  intermediate: Mapping[int, Box] | None = None, targets: Sequence[int] | None = None,
                  stop_below: float | None = None, time_limit: float | None = None,
                  max_matrix_elements: int = 5_000_000, backend: str = "auto") -> NetworkMilpResult:
     """Exact minimum of the margin z_label - z_t over the box (one sample, batch dim 1) by MILP,
-    for every target t (default: all t != label). ``intermediate``: sound ReLU-input boxes (float64
-    CROWN bounds are computed when None). ``stop_below``: stop after the first target whose
-    minimum is below this value (a counterexample is enough). The result is the solver's word
-    (module docstring): use it to find counterexamples, never as a certificate."""
+    for every target t (default: all t != label), on a chain or a DAG. ``intermediate``: sound
+    ReLU-input boxes (float64 CROWN bounds are computed when None). ``stop_below``: stop after
+    the first target whose minimum is below this value (a counterexample is enough). The result
+    is the solver's word (module docstring): use it to find counterexamples, never as a
+    certificate."""
     import scipy.sparse as sparse
 
-    ops = require_chain(ops, MILP_OPS, "the MILP encoding")
-    dtype, device = torch.float64, box.lower.device
+    graph = as_graph(require_ops(network, MILP_OPS, "the MILP encoding"))
     if intermediate is None:
         with torch.no_grad():
-            intermediate = intermediate_bounds(ops, box, "crown")
-    shapes = layer_shapes(ops, tuple(box.lower.shape[1:]))
-    relus = relu_indices(ops)
-    starts = [0] + [index + 1 for index in relus]
-    ends = relus + [len(ops)]
-    segments = []
-    for start, end in zip(starts, ends):
-        elements = math.prod(shapes[start]) * math.prod(shapes[end])
-        if elements > max_matrix_elements:
-            raise ValueError(f"network too large for the dense MILP encoding (segment {start}:{end} "
-                             f"has a {math.prod(shapes[end])} x {math.prod(shapes[start])} matrix)")
-        segments.append(affine_matrix(ops[start:end], shapes[start], dtype, device))
+            intermediate = intermediate_bounds(network, box, "crown")
+    relu_inputs, output = relu_input_forms(graph, tuple(box.lower.shape[1:]), max_matrix_elements, torch.float64,
+                                           box.lower.device)
 
-    # Columns: x, then per ReLU layer its outputs a_k, then the binaries of its unstable neurons.
+    # Columns: x, then per ReLU node its outputs a_k, then the binaries of its unstable neurons.
     col_lower = [box.lower.flatten().cpu().double().numpy()]
     col_upper = [box.upper.flatten().cpu().double().numpy()]
     integer = [np.zeros(col_lower[0].size, dtype=bool)]
+    block_cols = {INPUT: np.arange(col_lower[0].size)}
     rows, row_lower, row_upper = [], [], []
     offset_cols = col_lower[0].size
-    previous_cols = np.arange(offset_cols)
     widen = 1e-9
-    for k, index in enumerate(relus):
-        M, c = (t.cpu().numpy() for t in segments[k])
+    for index, form in relu_inputs.items():
+        M, c = form.matrices()
         pre = intermediate[index]
         l = pre.lower.flatten().cpu().double().numpy()
         u = pre.upper.flatten().cpu().double().numpy()
@@ -303,11 +372,10 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
         integer.append(np.ones(d_cols.size, dtype=bool))
 
         def block(selected: np.ndarray, a_coef: float, d_coef: np.ndarray | None):
-            # rows: a_coef * a_j - M_j a_prev + d_coef_j * d_j for the selected neurons j
+            # rows: a_coef * a_j - sum_b M_b,j v_b + d_coef_j * d_j for the selected neurons j
             selected_idx = np.nonzero(selected)[0]
             m = selected_idx.size
-            prev_block = sparse.csr_matrix(-M[selected_idx])
-            parts = [(prev_block, previous_cols)]
+            parts = [(sparse.csr_matrix(-matrix[selected_idx]), block_cols[source]) for source, matrix in M.items()]
             a_block = sparse.csr_matrix((np.full(m, a_coef), (np.arange(m), selected_idx)), shape=(m, n))
             parts.append((a_block, a_cols))
             if d_coef is not None:
@@ -327,10 +395,10 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
             row_lower.append(lower)
             row_upper.append(upper)
 
-        # active: a - M a_prev = c
+        # active: a - z = c
         parts, m = block(active, 1.0, None)
         add_rows(parts, m, c[active], c[active])
-        # unstable: a - M a_prev >= c ; a - M a_prev - l d <= c - l ; a - u d <= 0
+        # unstable: a - z >= c ; a - z - l d <= c - l ; a - u d <= 0   (z: the pre-activation less c)
         parts, m = block(unstable, 1.0, None)
         add_rows(parts, m, c[unstable], np.full(m, INF))
         parts, m = block(unstable, 1.0, -l[unstable])
@@ -340,13 +408,13 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
         a_part = sparse.csr_matrix((np.ones(sel.size), (position, sel)), shape=(sel.size, n))
         d_part = sparse.csr_matrix((-u[unstable], (position, position)), shape=(sel.size, d_cols.size))
         add_rows([(a_part, a_cols), (d_part, d_cols)], sel.size, np.full(sel.size, -INF), np.zeros(sel.size))
-        previous_cols = a_cols
+        block_cols[index] = a_cols
         offset_cols = count
 
     big_m = max(float(np.abs(np.concatenate(col_upper)).max(initial=1.0)),
-                max((float(intermediate[index].lower.abs().max()) for index in relus), default=1.0))
+                max((float(intermediate[index].lower.abs().max()) for index in relu_inputs), default=1.0))
     tolerance = scaled_tolerance(big_m)
-    M_last, c_last = (t.cpu().numpy() for t in segments[-1])
+    logits_M, logits_c = output.matrices()
     row_offset = 0
     all_rows, all_cols, all_vals = [], [], []
     for r, cidx, vals, m in rows:
@@ -367,10 +435,10 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
     best, best_point, best_target, exact = INF, None, None, True
     for target in targets:
         cost = np.zeros(offset_cols)
-        weights = M_last[label] - M_last[target]
-        cost[previous_cols] = weights
+        for source, logits_matrix in logits_M.items():
+            cost[block_cols[source]] = logits_matrix[label] - logits_matrix[target]
         solution = solve(cost, matrix, r_lower, r_upper, lower_cols, upper_cols, integrality,
-                         offset=float(c_last[label] - c_last[target]), time_limit=time_limit,
+                         offset=float(logits_c[label] - logits_c[target]), time_limit=time_limit,
                          tolerance=tolerance, backend=backend)
         if solution.status == "optimal":
             value = solution.objective
@@ -387,7 +455,8 @@ def network_milp(ops: Sequence[Op], box: Box, label: int, num_classes: int, *,
     return NetworkMilpResult(per_target, best, best_point, best_target, exact)
 
 
-def network_neurons(ops: Network, input_shape: tuple[int, ...]) -> int:
-    ops = require_chain(ops, MILP_OPS, "the MILP encoding")
-    shapes = layer_shapes(ops, input_shape)
-    return sum(math.prod(shapes[index]) for index, op in enumerate(ops) if isinstance(op, ReluOp))
+def network_neurons(network: Network, input_shape: tuple[int, ...]) -> int:
+    """The ReLU neurons of a network the MILP encodes (one binary at most per neuron)."""
+    network = require_ops(network, MILP_OPS, "the MILP encoding")
+    shapes = layer_shapes(network, input_shape)
+    return sum(math.prod(shapes[index]) for index in relu_indices(network))

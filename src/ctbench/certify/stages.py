@@ -23,8 +23,8 @@ confirming every counterexample with the model's float32 forward pass.
 
 Networks: ``ibp``, ``crown-ibp``, ``attack`` and ``alpha-crown`` (and their rigorous checks)
 run on any lowered network, a chain or a DAG (residual connections, concatenations, average and
-max pooling). ``bab`` and ``milp`` need a chain without max pooling; ``check_network`` refuses
-other networks before the cascade starts, with the stages to use instead.
+max pooling). ``bab`` and ``milp`` take chains and DAGs too, but no max pooling; ``check_network``
+refuses such networks before the cascade starts, with the stages to use instead.
 
 Adding a stage: a class with ``name`` and ``run(ctx, samples) -> Outcome``, registered with
 ``@STAGES.register(name)``.
@@ -46,10 +46,10 @@ from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import alpha_crown, crown_ibp_margin_lower, intermediate_bounds
 from ..bounds.ibp import ibp_margin_lower
-from ..models.ops import Network, require_chain, run_ops
+from ..models.ops import Network, run_ops
 from ..registry import Registry
 from .bab import BabSettings, BranchAndBound, auto_crown_layers, check_network
-from .milp import MILP_OPS, network_milp, network_neurons
+from .milp import MILP_OPS, network_milp, network_neurons, require_ops
 from .rigorous import crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
 from .soundness import SafetyMargin, clean_logits64, float64_box, margin_rows, min_other
 from .verdicts import check_counterexample, project_float32
@@ -387,7 +387,7 @@ class MilpStage(Stage):
     per_sample = True
 
     def check_network(self, network: Network) -> None:
-        require_chain(network, MILP_OPS, "the MILP encoding")
+        require_ops(network, MILP_OPS, "the MILP encoding")
 
     def run(self, ctx: StageContext, samples: OpenSamples) -> Outcome:
         settings = ctx.settings.milp

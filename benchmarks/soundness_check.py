@@ -2,8 +2,8 @@
 
     python benchmarks/soundness_check.py RUN_DIR [--steps 100] [--restarts 20] [--threads 2]
 
-Reads RUN_DIR/certify/verdicts.jsonl, runs PGD (margin loss, random starts) with the model's
-population statistics on the certified samples, and reports how many of them PGD misclassifies
+Reads RUN_DIR/certify/verdicts.jsonl, runs PGD (``ctbench.certify.audit``: margin loss, random
+starts) with the model's population statistics on the certified samples, and reports how many of them PGD misclassifies
 (must be 0) and the largest margin it reached. Progress is saved after every batch (atomically)
 to soundness.json beside the verdicts file, and a stopped run continues from there.
 """
@@ -30,11 +30,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from ctbench.attacks import PGDSettings, margin_loss, pgd_attack
-    from ctbench.bounds import linf_box
+    from ctbench.certify.audit import CertifiedAudit, attack_certified
     from ctbench.cli import load_trained
     from ctbench.data import load_dataset
-    from ctbench.models.ops import lower_network, run_ops
 
     model, config = load_trained(args.run)
     path = Path(args.verdicts or Path(args.run) / "certify" / "verdicts.jsonl")
@@ -42,34 +40,26 @@ def main() -> None:
     eps = records[0]["eps"]
     certified = sorted(r["index"] for r in records if r["verdict"] == "certified")
     test = load_dataset(config.data.dataset).test
-    ops = lower_network(model, detach=True)
-    settings = PGDSettings(steps=args.steps, restarts=args.restarts, step_size=0.1, decay_at=(0.5, 0.75))
     progress_path = path.parent / "soundness.json"
-    state = {"run": args.run, "eps": eps, "certified_samples": len(certified), "pgd_steps": args.steps,
-             "pgd_restarts": args.restarts, "attacked": 0, "counterexamples_found": 0, "broken_indices": [],
-             "max_margin_reached": float("-inf"), "seconds": 0.0}
-    if progress_path.exists():
+    header = {"run": args.run, "eps": eps, "certified_samples": len(certified)}
+    audit, seconds = CertifiedAudit(args.steps, args.restarts), 0.0
+    if progress_path.exists():  # continue a stopped check of the same verdicts and attack
         saved = json.loads(progress_path.read_text())
-        if all(saved.get(key) == state[key] for key in ("eps", "certified_samples", "pgd_steps", "pgd_restarts")):
-            state = saved
-    started = time.time() - state["seconds"]
-    for start in range(state["attacked"], len(certified), args.batch):
-        index = torch.tensor(certified[start:start + args.batch])
-        images = test.images[index].float() / 255
-        labels = test.labels[index]
-        box = linf_box(images, eps)
-        point = pgd_attack(lambda z: run_ops(ops, z), box, labels, settings, loss_fn=margin_loss)
-        with torch.no_grad():
-            margins = margin_loss(model(point), labels)
-        state["max_margin_reached"] = max(state["max_margin_reached"], margins.max().item())
-        state["broken_indices"] += index[margins > 0].tolist()
-        state["counterexamples_found"] = len(state["broken_indices"])
-        state["attacked"] = min(start + args.batch, len(certified))
-        state["seconds"] = time.time() - started
+        if all(saved.get(key) == value for key, value in {**header, "steps": args.steps,
+                                                           "restarts": args.restarts}.items()):
+            audit = CertifiedAudit(args.steps, args.restarts, saved["attacked"], saved["broken_indices"],
+                                   saved["max_margin_reached"])
+            seconds = saved["seconds"]
+    started = time.time() - seconds
+    for start in range(audit.attacked, len(certified), args.batch):
+        indices = certified[start:start + args.batch]
+        images = test.images[indices].float() / 255
+        audit.add(indices, attack_certified(model, images, test.labels[indices], eps, args.steps, args.restarts))
+        state = {**header, **audit.as_dict(), "seconds": time.time() - started}
         atomic_write_json(progress_path, state)
-        print(f"attacked {state['attacked']}/{len(certified)}, counterexamples {state['counterexamples_found']}",
+        print(f"attacked {audit.attacked}/{len(certified)}, counterexamples {len(audit.broken_indices)}",
               file=sys.stderr, flush=True)
-    print(json.dumps(state))
+    print(json.dumps({**header, **audit.as_dict(), "seconds": time.time() - started}))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,60 @@ def test_an_interrupted_certification_resumes_without_retraining(smoke_run, tmp_
     assert count_rows(root / "ctbench.sqlite")["verdicts"] == 2 * 16
 
 
+def test_the_soundness_analysis_attacks_the_certified_samples_and_fills_its_column(smoke_run, tmp_path):
+    """Added to a suite whose jobs are trained and certified, the analysis runs as a phase of its
+    own (nothing retrained or recertified); it attacks exactly the samples the certification
+    certified, breaks none, and Table 1 shows "0 of n"."""
+    from ctbench.bench.suites import suite_path
+
+    source_root, _, _ = smoke_run
+    root = tmp_path / "bench"
+    shutil.copytree(source_root, root)
+    # the smoke suite's IBP model certifies nothing at 0.1; at eps 0.001 its correct samples
+    text = suite_path("smoke").read_text().replace("methods: [ibp, pgd]", "methods: [ibp]")
+    text = text.replace("overrides: [", "overrides: [eps.test_eps=0.001, ")
+    suite = load_suite(write_suite(tmp_path, text, "smoke-small-eps"))
+    assert run_suite(suite, root, root / "ctbench.sqlite").failed == []
+    job = suite.jobs[0]
+    verdicts = job.certify_dir(root) / "verdicts.jsonl"
+    checkpoint, verdicts_written = (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns, verdicts.stat().st_mtime_ns
+    audited = load_suite(write_suite(tmp_path, text.replace(
+        "analyses: {utilization: {count: 16}}",
+        "analyses: {utilization: {count: 16}, soundness: {count: 16, steps: 5, restarts: 2}}"), "audited"))
+    assert [j.job_key for j in audited.jobs] == [job.job_key]
+    assert run_suite(audited, root, root / "ctbench.sqlite").done == [job.label]
+    assert (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+    assert verdicts.stat().st_mtime_ns == verdicts_written
+    certified = sum(json.loads(line)["verdict"] == "certified" for line in verdicts.read_text().splitlines())
+    connection = connect(root / "ctbench.sqlite")
+    result = json.loads(connection.execute("SELECT result FROM analyses WHERE job_key = ? AND name = 'soundness'",
+                                           (job.job_key,)).fetchone()[0])
+    assert certified >= 4 and result["attacked"] == certified
+    assert result["counterexamples_found"] == 0 and result["max_margin_reached"] < 0
+    table = accuracy_table(connection, audited)
+    assert "Ours PGD-broken cert." in [column.header for column in table.columns]
+    assert table.rows[[row.method for row in table.rows].index("ibp")].cells["ours_broken"].text == f"0 of {certified}"
+
+
+def test_the_audit_attack_breaks_what_is_not_robust(smoke_run):
+    """The audit's PGD is no blank: at a radius no MNIST model withstands it misclassifies, at
+    radius 0 it leaves correctly classified samples alone."""
+    from ctbench.certify.audit import CertifiedAudit, attack_certified
+    from ctbench.cli import load_trained
+    from ctbench.data import load_dataset
+
+    root, _, _ = smoke_run
+    model, _ = load_trained(str(load_suite("smoke").jobs[0].run_dir(root)))
+    test = load_dataset("mnist").test
+    images, labels = test.images[:32].float() / 255, test.labels[:32]
+    correct = model(images).argmax(1) == labels
+    audit = CertifiedAudit(steps=10, restarts=2)
+    audit.add(list(range(32)), attack_certified(model, images, labels, 0.5, steps=10, restarts=2))
+    assert len(audit.broken_indices) >= 24
+    at_zero = attack_certified(model, images, labels, 0.0, steps=3, restarts=1)
+    assert bool((at_zero[correct] < 0).all()) and bool((at_zero[~correct] > 0).all())
+
+
 def test_a_phase_that_raises_is_recorded_as_an_error_and_retried(tmp_path, monkeypatch):
     from ctbench.bench import phases
 
@@ -382,7 +436,8 @@ def test_shipped_suites_resolve_to_the_planned_jobs():
     mini = load_suite("mnist-mini")
     seeds = {(job.setting, job.method): sorted(j.seed for j in mini.jobs if (j.setting, j.method) ==
                                                (job.setting, job.method)) for job in mini.jobs}
-    assert seeds[("mnist-mini-0.3", "ibp")] == seeds[("mnist-mini-0.1", "sabr")] == [0, 1, 2]
+    assert seeds[("mnist-mini-0.3", "ibp")] == seeds[("mnist-mini-0.1", "ibp")] == [0, 1, 2, 3, 4]
+    assert seeds[("mnist-mini-0.1", "sabr")] == seeds[("mnist-mini-0.1", "crown_ibp")] == [0, 1, 2]
     assert seeds[("mnist-mini-0.1", "taps")] == seeds[("mnist-mini-0.3", "mtl_ibp")] == [0]
     assert len(load_suite("smoke", seeds=[3, 4]).jobs) == 4
 
@@ -406,6 +461,25 @@ def test_job_key_changes_with_the_config_the_certification_and_the_version(tmp_p
     key = base.job_key
     monkeypatch.setattr(jobs_module, "__version__", "9.9.9")
     assert job().job_key != key
+
+
+def test_apgd_in_the_attack_stage_is_a_certification_of_its_own(tmp_path):
+    """``certify: {apgd: true}`` hands the cascade APGD-CE and APGD-T after PGD: another
+    certification (job key) of the same trained model, named in Table 1's attack note; false
+    keeps the key a suite without the flag has."""
+    def job(certify):
+        return load_suite(write_suite(tmp_path, f"""
+            certify: {certify}
+            groups: [{{presets: [demo/ibp]}}]
+        """)).jobs[0]
+
+    plain, off, on = job("{timeout: 10}"), job("{timeout: 10, apgd: false}"), job("{timeout: 10, apgd: true}")
+    assert off.job_key == plain.job_key and on.job_key != plain.job_key and on.train_key == plain.train_key
+    attack = on.certify.settings().attack
+    assert attack.apgd_ce and attack.apgd_t and not plain.certify.settings().attack.apgd_ce
+    assert "APGD-CE and APGD-T" in on.certify.attack_description
+    with pytest.raises(SuiteError, match="apgd must be true or false"):
+        job("{apgd: 1}")
 
 
 def test_a_user_suite_runs_its_own_yaml_configs(tmp_path):

@@ -3,7 +3,9 @@ on the first ``count`` test samples of a job's model.
 
 ``ANALYSES`` maps a name to its function and its options with their defaults; a suite names an
 analysis with optional options (``analyses: {tightness: {count: 200, max_neurons: 32}}``).
-Each function returns a JSON-ready dict (per-sample lists are dropped).
+Each function returns a JSON-ready dict (per-sample lists are dropped). An analysis marked
+``certified_only`` runs on the samples among those that the job's certification certified, and
+is also given their test indices.
 """
 from __future__ import annotations
 
@@ -39,16 +41,36 @@ def _fragmentation(model: nn.Module, images, labels, eps: float, options: dict[s
     return unstable_neurons(model, images, eps, points=options["points"], generator=generator).as_dict()
 
 
+def _soundness(model: nn.Module, images, labels, eps: float, options: dict[str, Any], indices: list[int]) -> dict:
+    from ..analysis.utilization import to_float_images
+    from ..certify.audit import CertifiedAudit, attack_certified
+
+    if options["batch"] < 1 or options["restarts"] < 1:
+        raise ValueError(f"analyses.soundness: batch and restarts must be >= 1, got {options['batch']} and "
+                         f"{options['restarts']}")
+    audit = CertifiedAudit(options["steps"], options["restarts"])
+    generator = torch.Generator().manual_seed(options["seed"])
+    for start in range(0, len(indices), options["batch"]):
+        rows = slice(start, start + options["batch"])
+        audit.add(indices[rows], attack_certified(model, to_float_images(images[rows]), labels[rows], eps, options["steps"],
+                                                  options["restarts"], generator=generator))
+    return audit.as_dict()
+
+
 @dataclass(frozen=True)
 class Analysis:
-    """run(model, images, labels, eps, options) -> dict; defaults: its options besides count."""
+    """run(model, images, labels, eps, options[, indices]) -> dict; defaults: its options besides
+    count; certified_only: run on the certified samples, with their test ``indices``."""
 
     run: Callable[..., dict]
     defaults: dict[str, Any]
+    certified_only: bool = False
 
 
 ANALYSES: dict[str, Analysis] = {
     "utilization": Analysis(_utilization, {}),
     "tightness": Analysis(_tightness, {"max_neurons": 64, "seed": 0}),
     "fragmentation": Analysis(_fragmentation, {"points": 50, "seed": 0}),
+    # a strong PGD on every certified sample: a sound certificate leaves it nothing to break
+    "soundness": Analysis(_soundness, {"steps": 100, "restarts": 10, "batch": 250, "seed": 0}, certified_only=True),
 }

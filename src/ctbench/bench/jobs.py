@@ -42,17 +42,25 @@ def content_hash(data: Any, length: int = 16) -> str:
 @dataclass(frozen=True)
 class CertifySpec:
     """How a job certifies: the cascade's stages and per-sample timeout (seconds), the first
-    ``count`` test samples (None: all) and the attack stage's PGD steps and restarts."""
+    ``count`` test samples (None: all), the attack stage's PGD steps and restarts, and whether
+    that stage goes on with APGD-CE and APGD-T (100 iterations each, 9 targets) where PGD fails."""
 
     stages: tuple[str, ...] = DEFAULT_STAGES
     timeout: float = 1000.0
     count: int | None = None
     attack_steps: int = 50
     attack_restarts: int = 5
+    apgd: bool = False
 
     def record(self) -> dict[str, Any]:
-        return {"stages": list(self.stages), "timeout": self.timeout, "count": self.count,
-                "attack_steps": self.attack_steps, "attack_restarts": self.attack_restarts}
+        record = {"stages": list(self.stages), "timeout": self.timeout, "count": self.count,
+                  "attack_steps": self.attack_steps, "attack_restarts": self.attack_restarts}
+        return {**record, "apgd": True} if self.apgd else record  # without APGD, the keys of earlier jobs
+
+    @property
+    def attack_description(self) -> str:
+        pgd = f"PGD {self.attack_steps}x{self.attack_restarts} (margin loss)"
+        return pgd + ", then APGD-CE and APGD-T (100 iterations, 9 targets)" if self.apgd else pgd
 
     @property
     def finds_counterexamples(self) -> bool:
@@ -64,7 +72,8 @@ class CertifySpec:
         from ..certify import AttackSettings, BabSettings, CertifySettings
 
         return CertifySettings(stages=self.stages, timeout=self.timeout,
-                               attack=AttackSettings(pgd_steps=self.attack_steps, pgd_restarts=self.attack_restarts),
+                               attack=AttackSettings(pgd_steps=self.attack_steps, pgd_restarts=self.attack_restarts,
+                                                     apgd_ce=self.apgd, apgd_t=self.apgd),
                                bab=BabSettings(timeout=self.timeout))
 
 

@@ -135,7 +135,20 @@ def analyze(job: Job, root: Path, spec: AnalysisSpec, report: Report) -> dict:
     report(f"{job.label}: {spec.name}")
     model, config = _trained(job, root)
     test = dataset_of(config.data).test.head(spec.count)
-    return ANALYSES[spec.name].run(model, test.images, test.labels, config.eps.test_eps, spec.options)
+    analysis = ANALYSES[spec.name]
+    if analysis.certified_only:
+        indices = _certified_indices(job, root, len(test))
+        return analysis.run(model, test.images[indices], test.labels[indices], config.eps.test_eps, spec.options,
+                            indices=indices)
+    return analysis.run(model, test.images, test.labels, config.eps.test_eps, spec.options)
+
+
+def _certified_indices(job: Job, root: Path, count: int) -> list[int]:
+    """The test indices below ``count`` that the job's certification certified."""
+    from ..certify.cascade import VERDICTS_FILE, read_verdicts
+
+    verdicts = read_verdicts(job.certify_dir(root) / VERDICTS_FILE)
+    return sorted(v.index for v in verdicts if v.verdict == "certified" and v.index < count)
 
 
 def _trained(job: Job, root: Path):

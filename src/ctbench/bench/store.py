@@ -289,7 +289,8 @@ def _write_certification(connection: sqlite3.Connection, job: Job, root: Path) -
         connection.execute("INSERT INTO adversarial VALUES (?, ?, ?, ?, ?, ?, ?)", (
             job.job_key, ",".join(stages), summary["samples"], counts["falsified"],
             _json(summary["falsified_by_stage"]), adversarial,
-            _json({"steps": job.certify.attack_steps, "restarts": job.certify.attack_restarts})))
+            _json({"steps": job.certify.attack_steps, "restarts": job.certify.attack_restarts,
+                   "apgd": job.certify.apgd})))
 
 
 def outcome(verdict) -> str:

@@ -11,6 +11,7 @@ file with the same schema)::
       count: 1000                       # first N test samples (null: all)
       attack_steps: 50                  # PGD of the attack stage
       attack_restarts: 5
+      apgd: false                       # true: APGD-CE and APGD-T after PGD on what PGD left
     analyses:                           # optional: name -> options (null: the defaults)
       utilization: {count: 1000}
     groups:
@@ -216,6 +217,8 @@ def _certify_spec(data: Mapping[str, Any], where: str) -> CertifySpec:
     for key in ("attack_steps", "attack_restarts"):
         if key in values:
             values[key] = _integer(values[key], 0, f"{where}.{key}")
+    if "apgd" in values and not isinstance(values["apgd"], bool):
+        raise SuiteError(f"{where}.apgd must be true or false, got {values['apgd']!r}")
     return CertifySpec(**values)
 
 

@@ -33,7 +33,8 @@ FIGURE_SOURCES = ("literature", "ctbench_paper", "ctbench_paper_seeds", "later_l
 TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
 SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "ibp_certified": "IBP-cert.",
          "train_seconds": "Train s",
-         "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source"}
+         "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source",
+         "broken": "PGD-broken cert."}
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,22 @@ def _ours(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]]
     return ours, notes
 
 
+def _soundness_cells(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]]) -> dict[RowKey, Value]:
+    """Per row with a finished ``soundness`` analysis: "k of n", the certified samples its strong
+    PGD broke out of those it attacked, summed over seeds (k must be 0)."""
+    keys = [job.job_key for jobs in grouped.values() for job in jobs]
+    results = {row["job_key"]: json.loads(row["result"]) for row in connection.execute(
+        f"SELECT job_key, result FROM analyses WHERE name = 'soundness' AND status = 'done' "
+        f"AND job_key IN ({_placeholders(keys)})", keys)} if keys else {}
+    cells = {}
+    for key, jobs in grouped.items():
+        audits = [results[job.job_key] for job in jobs if job.job_key in results]
+        if audits:
+            broken, attacked = sum(a["counterexamples_found"] for a in audits), sum(a["attacked"] for a in audits)
+            cells[key] = Value(text=f"{broken} of {attacked:,}")
+    return cells
+
+
 # ----------------------------------------------------------------------------------------------
 # assembling a table
 
@@ -257,18 +274,27 @@ def accuracy_table(connection: sqlite3.Connection, suite: Suite) -> Table:
         row.cells.update({f"ours_{name}": value for name, value in ours.get(row.key, {}).items()})
     columns = [Column(f"ours_{metric}", "Ours", metric, True) for metric in FIGURE_METRICS]
     columns += [Column("ours_seeds", "Ours", "seeds")]
+    if any(spec.name == "soundness" for job in suite.jobs for spec in job.analyses):
+        for key, value in _soundness_cells(connection, grouped).items():
+            next(row for row in rows if row.key == key).cells["ours_broken"] = value
+        columns += [Column("ours_broken", "Ours", "broken")]
     columns += _reference_columns(records, FIGURE_SOURCES, FIGURE_METRICS, compared=True)
     _fill_reference(rows, records)
     used = [s for s in FIGURE_SOURCES if any(r.source == s for r in records)]
+    soundness = [f"Ours, PGD-broken cert.: certified samples that a PGD of {spec.options['steps']} steps x "
+                 f"{spec.options['restarts']} restarts (margin loss) misclassifies, over the seeds' certified samples "
+                 f"among the first {spec.count:,} test images (the analysis soundness; a sound verifier gives 0)"
+                 for spec in {json.dumps(s.record(), sort_keys=True): s for job in suite.jobs for s in job.analyses
+                              if s.name == "soundness"}.values()]
     table = Table(f"Table 1, suite {suite.name}: accuracy [%]", "%", columns, rows,
-                  notes=failures + [_attack_note(suite.jobs)] + _notes(records, used))
+                  notes=failures + [_attack_note(suite.jobs)] + soundness + _notes(records, used))
     _mark_best(table)
     return table
 
 
 def _attack_note(jobs: tuple[Job, ...]) -> str:
     """Which attack gives our adversarial accuracy."""
-    attacks = sorted({f"PGD {job.certify.attack_steps}x{job.certify.attack_restarts} (margin loss)"
+    attacks = sorted({job.certify.attack_description
                       for job in jobs if "attack" in job.certify.stages})
     if not attacks:
         return "Ours, Adv.: no attack stage in the suite's cascade; only its complete verifier falsifies."

@@ -72,7 +72,7 @@ from ..bounds.crown import (
 from ..bounds.ibp import ibp_node
 from ..models.ops import (
     INPUT, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, LinearOp, Network, ReluOp, ReshapeOp,
-    as_graph, network_prefix, node_inputs, run_ops, source_of,
+    as_graph, network_prefix, node_inputs, require_ops, run_ops, source_of,
 )
 from . import milp, rigorous
 from .soundness import (
@@ -154,7 +154,7 @@ BAB_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgP
 def check_network(network: Network) -> Network:
     """The network (a chain or a DAG) when branch and bound handles its ops, else a TypeError
     that says why."""
-    return milp.require_ops(network, BAB_OPS, "branch and bound")
+    return require_ops(network, BAB_OPS, "branch and bound")
 
 
 def auto_crown_layers(ops: Network, input_shape: tuple[int, ...], max_neurons: int) -> list[int]:

@@ -47,7 +47,7 @@ from ..bounds.box import Box
 from ..bounds.crown import intermediate_bounds, layer_shapes, output_shapes, relu_indices
 from ..models.ops import (
     INPUT, AddOp, AvgPoolOp, ChannelAffineOp, ConcatOp, ConvOp, FlattenOp, Graph, LinearOp, Network, Op, ReluOp,
-    ReshapeOp, apply_op, as_graph, network_ops,
+    ReshapeOp, apply_op, as_graph, require_ops,
 )
 
 # The MILP encodes every node of a chain or a DAG: affine forms between ReLU nodes, a binary per
@@ -55,16 +55,6 @@ from ..models.ops import (
 MILP_OPS = (LinearOp, ConvOp, ChannelAffineOp, ReluOp, FlattenOp, ReshapeOp, AvgPoolOp, AddOp, ConcatOp)
 
 INF = math.inf
-
-
-def require_ops(network: Network, supported: tuple[type, ...], what: str) -> Network:
-    """The network (a chain or a DAG) when all its ops are of the ``supported`` types, else a
-    TypeError that says ``what`` handles only those."""
-    other = sorted({type(op).__name__ for op in network_ops(network) if not isinstance(op, supported)})
-    if other:
-        raise TypeError(f"{what} does not handle {', '.join(other)}; it supports "
-                        + ", ".join(t.__name__ for t in supported))
-    return network
 
 
 @dataclass(frozen=True)

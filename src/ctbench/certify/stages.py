@@ -46,10 +46,10 @@ from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import Box
 from ..bounds.crown import alpha_crown, crown_ibp_margin_lower, intermediate_bounds
 from ..bounds.ibp import ibp_margin_lower
-from ..models.ops import Network, run_ops
+from ..models.ops import Network, require_ops, run_ops
 from ..registry import Registry
 from .bab import BabSettings, BranchAndBound, auto_crown_layers, check_network
-from .milp import MILP_OPS, network_milp, network_neurons, require_ops
+from .milp import MILP_OPS, network_milp, network_neurons
 from .rigorous import crown_lower, ibp_lower, interval_network, layer_bounds, rigorous_box
 from .soundness import SafetyMargin, clean_logits64, float64_box, margin_rows, min_other
 from .verdicts import check_counterexample, project_float32

@@ -238,18 +238,23 @@ def apply_op(op: Op, inputs: Sequence):
     return op(*inputs) if isinstance(op, NARY_OPS) else op(inputs[0])
 
 
+def require_ops(network: Network, supported: tuple[type, ...], what: str) -> Network:
+    """The network (a chain or a DAG) when all its ops are of the ``supported`` types, else a
+    TypeError that says ``what`` handles only those."""
+    other = sorted({type(op).__name__ for op in network_ops(network) if not isinstance(op, supported)})
+    if other:
+        raise TypeError(f"{what} does not handle {', '.join(other)}; it supports "
+                        + ", ".join(t.__name__ for t in supported))
+    return network
+
+
 def require_chain(network: Network, supported: tuple[type, ...], what: str) -> tuple[Op, ...]:
     """The network as a chain of ops of the ``supported`` types, else a TypeError that says
     ``what`` handles only those."""
     if is_dag(network):
         raise TypeError(f"{what} works on chain networks only (each layer reading the one before it); this "
                         f"network is a DAG (residual connections or concatenations)")
-    ops = network_ops(network)
-    other = sorted({type(op).__name__ for op in ops if not isinstance(op, supported)})
-    if other:
-        raise TypeError(f"{what} does not handle {', '.join(other)}; it supports "
-                        + ", ".join(t.__name__ for t in supported))
-    return ops
+    return network_ops(require_ops(network, supported, what))
 
 
 @dataclass(frozen=True)

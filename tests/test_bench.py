@@ -291,7 +291,7 @@ def test_export_writes_csv_json_and_model_cards(synthetic_db, tmp_path):
     card = json.loads(next(path for path in cards if "-ibp-seed0-" in path.name).read_text())
     assert (card["clean_acc"], card["certified_acc"], card["adversarial_acc"]) == (98.5, 97.5, 98.0)
     assert card["verifier"] == {"stages": ["ibp", "crown-ibp", "attack", "bab"], "timeout": 100.0,
-                                "attack": {"steps": 50, "restarts": 5}}
+                                "attack": {"steps": 50, "restarts": 5, "apgd": False}}
     assert card["counts"]["timeouts"] == 1 and card["eps"] == 0.1 and card["architecture"] == "cnn7"
     for key in ("name", "setting", "dataset", "samples", "config_hash", "ctbench_version", "certified_by_stage"):
         assert key in card

@@ -77,3 +77,17 @@ def random_dag_network(seed: int, pool: str = "max", batch_norm: bool = True, dt
             model.norm.running_mean.copy_(torch.randn(3, generator=generator, dtype=dtype))
             model.norm.running_var.copy_(torch.rand(3, generator=generator, dtype=dtype) + 0.3)
     return model.eval()
+
+
+def conv_net(seed: int, classes: int = 3) -> nn.Sequential:
+    """A small conv chain (Normalize, conv, BatchNorm with random statistics, two linear layers)
+    on 5x5 images, random weights, in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(Normalize((0.4,), (0.5,)), nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(18, 6), nn.ReLU(), nn.Linear(6, classes))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        model[2].running_mean.copy_(torch.randn(2, generator=generator) * 0.1)
+        model[2].running_var.copy_(torch.rand(2, generator=generator) + 0.5)
+    return model.eval()

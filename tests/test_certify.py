@@ -26,7 +26,8 @@ from ctbench.certify.milp import highspy_available, network_milp, solve
 from ctbench.certify.soundness import float64_box, float64_ops, margin_rows, min_other
 from ctbench.certify.stages import AlphaCrownSettings, AttackSettings
 from ctbench.models.ops import lower_network
-from ctbench.models import Normalize
+
+from helpers import conv_net
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -51,18 +52,6 @@ def dense_net(seed: int, widths: tuple[int, ...], inputs: int = 5, classes: int 
         for parameter in model.parameters():
             scale = 1.5 * parameter.shape[-1] ** -0.5 if parameter.dim() > 1 else 0.5
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return model.eval()
-
-
-def conv_net(seed: int, classes: int = 3) -> nn.Sequential:
-    generator = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(Normalize((0.4,), (0.5,)), nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(18, 6), nn.ReLU(), nn.Linear(6, classes))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        model[2].running_mean.copy_(torch.randn(2, generator=generator) * 0.1)
-        model[2].running_var.copy_(torch.rand(2, generator=generator) + 0.5)
     return model.eval()
 
 

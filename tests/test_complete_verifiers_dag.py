@@ -24,10 +24,9 @@ from ctbench.certify import BabSettings, BranchAndBound, CertifySettings, certif
 from ctbench.certify import milp
 from ctbench.certify.milp import network_milp
 from ctbench.certify.soundness import float64_box, float64_ops
-from ctbench.models import Normalize
 from ctbench.models.ops import AddOp, ConcatOp, as_graph, is_dag, lower_network
 
-from helpers import random_dag_network, random_inputs
+from helpers import conv_net, random_dag_network, random_inputs
 
 pytest.importorskip("scipy.optimize")
 
@@ -266,25 +265,13 @@ def test_maxpooling_is_still_refused_by_both_verifiers():
 # chains: as before
 
 
-def conv_chain(seed: int) -> nn.Sequential:
-    generator = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(Normalize((0.4,), (0.5,)), nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(18, 6), nn.ReLU(), nn.Linear(6, CLASSES))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        model[2].running_mean.copy_(torch.randn(2, generator=generator) * 0.1)
-        model[2].running_var.copy_(torch.rand(2, generator=generator) + 0.5)
-    return model.eval()
-
-
 def dense_chain(seed: int) -> nn.Sequential:
     return initialized(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, CLASSES)),
                        seed)
 
 
 def chain_case(name: str, seed: int):
-    model = conv_chain(seed) if name == "conv" else dense_chain(seed)
+    model = conv_net(seed, CLASSES) if name == "conv" else dense_chain(seed)
     x = torch.rand((1, 5, 5) if name == "conv" else (5,), generator=torch.Generator().manual_seed(100 + seed))
     return model, x, int(model(x[None]).argmax())
 

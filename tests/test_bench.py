@@ -128,6 +128,40 @@ def test_the_soundness_analysis_attacks_the_certified_samples_and_fills_its_colu
     assert table.rows[[row.method for row in table.rows].index("ibp")].cells["ours_broken"].text == f"0 of {certified}"
 
 
+def test_an_interrupted_audit_continues_where_it_stopped_with_the_same_result(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    from ctbench.bench.analyses import ANALYSES
+    from ctbench.certify import audit as audit_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(25, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    images = torch.rand(10, 1, 5, 5)
+    labels = model(images).argmax(1)
+    options, indices = {"steps": 3, "restarts": 2, "batch": 4, "seed": 0}, list(range(100, 110))
+
+    def audit(progress):
+        return ANALYSES["soundness"].run(model, images, labels, 0.3, options, indices=indices, progress_path=progress)
+
+    whole = audit(tmp_path / "whole.json")
+    attack, batches = audit_module.attack_certified, []
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        if batches:
+            raise KeyboardInterrupt
+        batches.append("first")
+        return attack(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "attack_certified", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        audit(tmp_path / "progress.json")
+    assert json.loads((tmp_path / "progress.json").read_text())["audit"]["attacked"] == 4
+    monkeypatch.setattr(audit_module, "attack_certified", lambda *a, **k: batches.append("resumed") or attack(*a, **k))
+    assert audit(tmp_path / "progress.json") == whole and whole["attacked"] == 10
+    assert batches.count("resumed") == 2 and not (tmp_path / "progress.json").exists()
+
+
 def test_the_audit_attack_breaks_what_is_not_robust(smoke_run):
     """The audit's PGD is no blank: at a radius no MNIST model withstands it misclassifies, at
     radius 0 it leaves correctly classified samples alone."""

@@ -138,8 +138,9 @@ def analyze(job: Job, root: Path, spec: AnalysisSpec, report: Report) -> dict:
     analysis = ANALYSES[spec.name]
     if analysis.certified_only:
         indices = _certified_indices(job, root, len(test))
+        progress = analysis_record_path(job, root, spec).with_suffix(".progress.json")
         return analysis.run(model, test.images[indices], test.labels[indices], config.eps.test_eps, spec.options,
-                            indices=indices)
+                            indices=indices, progress_path=progress)
     return analysis.run(model, test.images, test.labels, config.eps.test_eps, spec.options)
 
 

@@ -5,7 +5,8 @@
 Reads RUN_DIR/certify/verdicts.jsonl, runs PGD (``ctbench.certify.audit``: margin loss, random
 starts) with the model's population statistics on the certified samples, and reports how many of them PGD misclassifies
 (must be 0) and the largest margin it reached. Progress is saved after every batch (atomically)
-to soundness.json beside the verdicts file, and a stopped run continues from there.
+to soundness.json beside the verdicts file, and a stopped run continues from there ("seconds":
+this call's time).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ctbench.io import atomic_write_json
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from ctbench.certify.audit import CertifiedAudit, attack_certified
+    from ctbench.certify.audit import audit_certified
     from ctbench.cli import load_trained
     from ctbench.data import load_dataset
 
@@ -40,26 +40,17 @@ def main() -> None:
     eps = records[0]["eps"]
     certified = sorted(r["index"] for r in records if r["verdict"] == "certified")
     test = load_dataset(config.data.dataset).test
-    progress_path = path.parent / "soundness.json"
-    header = {"run": args.run, "eps": eps, "certified_samples": len(certified)}
-    audit, seconds = CertifiedAudit(args.steps, args.restarts), 0.0
-    if progress_path.exists():  # continue a stopped check of the same verdicts and attack
-        saved = json.loads(progress_path.read_text())
-        if all(saved.get(key) == value for key, value in {**header, "steps": args.steps,
-                                                           "restarts": args.restarts}.items()):
-            audit = CertifiedAudit(args.steps, args.restarts, saved["attacked"], saved["broken_indices"],
-                                   saved["max_margin_reached"])
-            seconds = saved["seconds"]
-    started = time.time() - seconds
-    for start in range(audit.attacked, len(certified), args.batch):
-        indices = certified[start:start + args.batch]
-        images = test.images[indices].float() / 255
-        audit.add(indices, attack_certified(model, images, test.labels[indices], eps, args.steps, args.restarts))
-        state = {**header, **audit.as_dict(), "seconds": time.time() - started}
-        atomic_write_json(progress_path, state)
+    started = time.time()
+
+    def report(audit) -> None:
         print(f"attacked {audit.attacked}/{len(certified)}, counterexamples {len(audit.broken_indices)}",
               file=sys.stderr, flush=True)
-    print(json.dumps({**header, **audit.as_dict(), "seconds": time.time() - started}))
+
+    audit = audit_certified(model, test.images[certified], test.labels[certified], eps, certified, steps=args.steps,
+                            restarts=args.restarts, batch=args.batch, progress_path=path.parent / "soundness.json",
+                            on_batch=report)
+    print(json.dumps({"run": args.run, "eps": eps, "certified_samples": len(certified), **audit.as_dict(),
+                      "seconds": time.time() - started}))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def attack_passes(model, method, config, images, labels, classes):
             with torch.no_grad():
                 latent = interval_bounds(ops[:split], Box((images - eps).clamp(0, 1), (images + eps).clamp(0, 1)))[-1]
                 points = latent.lower.repeat_interleave(classes - 1, dim=0)
-            targets = torch.arange(classes).repeat(labels.shape[0])[:points.shape[0]]
+            # which class each row's margin follows does not change the cost
+            targets = torch.arange(classes, device=points.device).repeat(labels.shape[0])[:points.shape[0]]
             passes(lambda z: run_ops(ops[split:], z).gather(1, targets[:, None]), points,
                    attack.steps * attack.restarts)
     return step

@@ -441,6 +441,8 @@ def test_concurrent_writers_leave_the_database_intact(synthetic_db, tmp_path):
     ("groups: [{presets: [demo/ibp], certify: {stages: [ibp, crown_ibp]}}]", "did you mean 'crown-ibp'"),
     ("groups: [{presets: [demo/ibp]}]\nanalyses: {utilisation: {}}", "did you mean 'utilization'"),
     ("groups: [{presets: [demo/ibp], certify: {count: 0}}]", "groups[0].certify.count: expected an integer >= 1"),
+    ("groups: [{presets: [demo/ibp]}]\nanalyses: {soundness: {batch: 0}}",
+     "analyses.soundness.batch: expected an integer >= 1"),
     ("groups: [{presets: [demo/ibp], settings: [demo], methods: [ibp]}]", "give exactly one of"),
     ("groups: [{presets: [demo/ibp]}, {settings: [demo], methods: [ibp]}]", "is listed twice"),
     ("groups: [{presets: [demo/ibp], overrides: [optim.lr_x=1]}]", "unknown config key optim.lr_x"),

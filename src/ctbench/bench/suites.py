@@ -229,12 +229,12 @@ def _analysis_specs(data: Any, where: str) -> tuple[AnalysisSpec, ...]:
             raise SuiteError(f"{where}: unknown analysis {name!r}; known: {', '.join(ANALYSES)}"
                              + did_you_mean(str(name), ANALYSES))
         options = dict(_mapping(options, f"{where}.{name}"))
-        defaults = ANALYSES[name].defaults
-        _check_keys(options, ("count", *defaults), f"{where}.{name}")
+        analysis = ANALYSES[name]
+        _check_keys(options, ("count", *analysis.defaults), f"{where}.{name}")
         count = _integer(options.pop("count", DEFAULT_COUNT), 1, f"{where}.{name}.count")
         for key, value in options.items():
-            options[key] = _integer(value, 0, f"{where}.{name}.{key}")
-        specs.append(AnalysisSpec(name, count, {**defaults, **options}))
+            options[key] = _integer(value, analysis.minimums.get(key, 0), f"{where}.{name}.{key}")
+        specs.append(AnalysisSpec(name, count, {**analysis.defaults, **options}))
     return tuple(specs)
 
 

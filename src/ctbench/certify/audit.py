@@ -7,17 +7,22 @@ far more than the cascade's attack stage) with the model's population statistics
 the highest margin max_{i != y} z_i - z_y it reaches per sample, measured by a plain forward
 pass of the model at the point found. A positive margin is a misclassified point inside the
 box: a certified sample with one has a wrong certificate. ``CertifiedAudit`` keeps the count
-over batches, as ``benchmarks/soundness_check.py`` and the bench analysis ``soundness`` report it.
+over batches; ``audit_certified`` runs them, keeping its progress in a file from which a stopped
+audit continues (``benchmarks/soundness_check.py`` and the bench analysis ``soundness``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..attacks.pgd import PGDSettings, margin_loss, pgd_attack
 from ..bounds.box import linf_box
+from ..io import atomic_write_json
 from ..models.ops import lower_network, run_ops
 
 
@@ -52,3 +57,30 @@ class CertifiedAudit:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "counterexamples_found": len(self.broken_indices)}
+
+
+def audit_certified(model: nn.Module, images: Tensor, labels: Tensor, eps: float, indices: list[int], *,
+                    steps: int = 100, restarts: int = 10, batch: int = 250, seed: int = 0,
+                    progress_path: Path | None = None, on_batch: Callable[[CertifiedAudit], None] | None = None
+                    ) -> CertifiedAudit:
+    """The audit of the samples ``images`` (test ``indices``), batch by batch. After each batch
+    the counts go to ``progress_path``, from which an audit of the same samples, eps and attack
+    continues; each batch draws its random starts from its own seed, so a continued audit
+    equals an uninterrupted one. ``images``: floats in [0, 1] or uint8."""
+    key = {"indices": indices, "eps": eps, "steps": steps, "restarts": restarts, "batch": batch, "seed": seed}
+    audit = CertifiedAudit(steps, restarts)
+    if progress_path is not None and progress_path.exists():
+        saved = json.loads(progress_path.read_text())
+        if saved.get("key") == key:
+            audit = CertifiedAudit(**saved["audit"])
+    for start in range(audit.attacked, len(indices), batch):
+        rows = slice(start, start + batch)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        batch_images = images[rows].float() / 255 if images.dtype == torch.uint8 else images[rows].float()
+        audit.add(indices[rows], attack_certified(model, batch_images, labels[rows], eps, steps, restarts,
+                                                  generator=generator))
+        if progress_path is not None:
+            atomic_write_json(progress_path, {"key": key, "audit": asdict(audit)})
+        if on_batch is not None:
+            on_batch(audit)
+    return audit

@@ -6,10 +6,11 @@ restarts included), eps at its full training value unless the row says warm-up. 
 (forward, cross-entropy, backward, Adam) is measured before and after the method rows; ratios
 are against their mean.
 
-A row ``METHOD:floor`` times only the passes the method's attacks cannot avoid: the forward pass
-and input gradient (plain autograd, no projection or bookkeeping) of the network on the batch,
-attack steps x restarts times (SABR, PGD, EDAC, MTL-IBP, STAPS: the input attack), and of the
-head on the batch's K-1 latent points per sample, latent steps x restarts times (TAPS, STAPS).
+A row ``METHOD:floor`` times only the passes the method's attacks cannot avoid, in the row's
+attack precision: the forward pass and input gradient (plain autograd, no projection or
+bookkeeping) of the network on the batch, attack steps x restarts times (SABR, PGD, EDAC,
+MTL-IBP, STAPS: the input attack), and of the head on the batch's K-1 latent points per sample,
+latent steps x restarts times (TAPS, STAPS).
 The method's step cannot be faster than that plus its bound pass (the IBP row).
 
     python benchmarks/step_time.py [--steps 5] [--threads 2] [--methods ibp,pgd,staps:floor] [--json]
@@ -17,6 +18,7 @@ The method's step cannot be faster than that plus its bound pass (the IBP row).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -108,6 +110,7 @@ def attack_passes(model, method, config, images, labels, classes):
     import torch
     import torch.nn.functional as F
 
+    from ctbench.attacks.pgd import resolve_precision
     from ctbench.bounds import interval_bounds
     from ctbench.bounds.box import Box
     from ctbench.methods.taps import split_index
@@ -121,10 +124,16 @@ def attack_passes(model, method, config, images, labels, classes):
         _, stats = clean_forward(model, images)
     ops = lower_network(model, stats.detached(), detach=True)
 
+    precision = resolve_precision(attack.precision, images.device)
+    autocast = (torch.autocast(images.device.type, dtype=getattr(torch, precision)) if precision != "float32"
+                else contextlib.nullcontext())  # the precision the method's attacks run in
+
     def passes(function, points, count):
         for _ in range(count):
             points.requires_grad_(True)
-            gradient, = torch.autograd.grad(function(points).sum(), points)
+            with autocast:
+                value = function(points).float().sum()
+            gradient, = torch.autograd.grad(value, points)
             points = points.detach() + 0.01 * gradient.sign()  # new points for the next pass
 
     def step():

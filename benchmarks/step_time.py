@@ -155,14 +155,11 @@ def attack_passes(model, method, config, images, labels, classes):
 
 def cpu_line() -> str:
     """The CPU's name and whether it has fast bfloat16 (what attack.precision: auto chooses)."""
-    import platform
-    from pathlib import Path
-
     from ctbench.attacks.pgd import fast_bfloat16
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    from ctbench.environment import cpu_name
+
     fast = fast_bfloat16("cpu")
-    return (f"CPU: {names[0] if names else platform.processor()}; fast bfloat16 (avx512_bf16 or amx_bf16): "
+    return (f"CPU: {cpu_name()}; fast bfloat16 (avx512_bf16 or amx_bf16): "
             f"{'yes' if fast else 'no'}, so attack.precision auto = {'bfloat16' if fast else 'float32'}")
 
 

@@ -39,6 +39,7 @@ def test_the_trainer_logs_every_epoch_and_prints_nothing(tmp_path, mnist, capfd)
     session, = json.loads((run / "environment.json").read_text())["sessions"]
     assert {"ctbench", "torch", "git_commit", "device", "threads", "started", "finished"} <= set(session)
     assert session["device"] == "cpu" and session["finished"] >= session["started"]
+    assert session["attack_precision"] == "float32" and session["cpu"]  # the preset's precision, resolved
     if _has_tensorboard():
         assert any((run / "tensorboard").iterdir())
 

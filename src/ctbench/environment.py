@@ -13,10 +13,22 @@ from . import __version__
 
 
 def environment() -> dict[str, Any]:
-    """ctbench, torch and Python versions, torch CPU threads, host, git commit, CUDA version."""
+    """ctbench, torch and Python versions, torch CPU threads, host, CPU, git commit, CUDA version."""
     return {"ctbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "host": platform.node(), "git_commit": git_commit(),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+            "threads": torch.get_num_threads(), "host": platform.node(), "cpu": cpu_name(),
+            "git_commit": git_commit(), "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=1)

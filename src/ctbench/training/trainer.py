@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGDSettings
+from ..attacks.pgd import resolve_precision
 from ..config import (
     SAFE_CHANGES, ConfigError, TrainConfig, config_changes, config_to_dict, dump_yaml, saved_config_from_dict,
 )
@@ -290,7 +291,10 @@ class Trainer:
     def _session_details(self, first_epoch: int, changed: dict | None = None) -> dict:
         """What environment.json records of this session besides the environment."""
         world_size = self.parallel.shard[1] if self.parallel else 1
+        # "auto" resolves per machine, so each session records what its training attacks ran in
+        attack_precision = resolve_precision(self.config.attack.precision, self.device)
         return {"device": str(self.device), "world_size": world_size, "first_epoch": first_epoch,
+                "attack_precision": attack_precision,
                 "model": "given by the caller" if self.custom_model else self.config.model.architecture,
                 "dataset": self.dataset.name, "init_from": None if self.init_from is None else str(self.init_from),
                 "changed": changed or {}}

@@ -3,6 +3,7 @@ training curves, analyses, sweeps), parsed here and rendered by a headless Chrom
 import base64
 import io
 import shutil
+import sqlite3
 import subprocess
 import textwrap
 from html.parser import HTMLParser
@@ -108,6 +109,23 @@ def test_the_report_holds_the_tables_curves_counts_analyses_and_sweeps(report):
         image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         assert image.format == "PNG" and image.size[0] > 300
     assert "Figure 4: active neurons (utilization)" in text and "Figure 5: certified accuracy" in text
+
+
+def test_without_verdicts_the_stage_counts_come_from_the_summaries(report, tmp_path):
+    """A database imported from an export without verdicts shows the same per-stage counts."""
+    from ctbench.bench.report import stage_counts
+
+    suite, db, _, _ = report
+    copy = tmp_path / "no-verdicts.sqlite"
+    with connect(db, create=False) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    connection = connect(copy, create=False)
+    expected = stage_counts(connection, suite.jobs)
+    assert expected and all(sum(counts.values()) == 16 for counts in expected.values())
+    with connection:
+        connection.execute("DELETE FROM verdicts")
+    assert stage_counts(connection, suite.jobs) == expected
+    connection.close()
 
 
 def test_the_report_references_nothing_outside_itself(report):

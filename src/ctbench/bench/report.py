@@ -144,10 +144,15 @@ def _none_yet(what: str) -> str:
 
 def stage_counts(connection: sqlite3.Connection, jobs: Sequence[Job]) -> dict[str, dict[str, int]]:
     """Per job key: samples per outcome and stage ("certified: ibp", "falsified: attack",
-    "wrong", "unknown", "timeout"), counted from the per-sample verdicts."""
+    "wrong", "unknown", "timeout"), counted from the per-sample verdicts, or, for a job whose
+    verdicts the database does not hold (imported from a ``bench export --no-verdicts``), taken
+    from its certification summary."""
     keys = [job.job_key for job in jobs]
-    rows = connection.execute(f"SELECT job_key, outcome, stage, COUNT(*) AS n FROM verdicts WHERE job_key IN "
-                              f"({_placeholders(keys)}) GROUP BY job_key, outcome, stage", keys).fetchall()
+    rows = [dict(row) for row in connection.execute(
+        f"SELECT job_key, outcome, stage, COUNT(*) AS n FROM verdicts WHERE job_key IN "
+        f"({_placeholders(keys)}) GROUP BY job_key, outcome, stage", keys)]
+    with_verdicts = {row["job_key"] for row in rows}
+    rows += _summary_counts(connection, [key for key in keys if key not in with_verdicts])
     stages = {job.job_key: job.certify.stages for job in jobs}
     counts: dict[str, dict[str, int]] = {}
     for row in sorted(rows, key=lambda r: _column_order(r["outcome"], r["stage"], stages[r["job_key"]])):
@@ -155,6 +160,22 @@ def stage_counts(connection: sqlite3.Connection, jobs: Sequence[Job]) -> dict[st
         job = counts.setdefault(row["job_key"], {})
         job[column] = job.get(column, 0) + row["n"]
     return counts
+
+
+def _summary_counts(connection: sqlite3.Connection, keys: list[str]) -> list[dict]:
+    """The rows ``stage_counts`` reads from verdicts, from the results table's counts instead."""
+    rows = []
+    for result in connection.execute(
+            "SELECT job_key, certified_by_stage, falsified_by_stage, wrong, unknown, timeouts FROM results "
+            f"WHERE job_key IN ({_placeholders(keys)})", keys):
+        key = result["job_key"]
+        for outcome in ("certified", "falsified"):
+            rows += [{"job_key": key, "outcome": outcome, "stage": stage, "n": n}
+                     for stage, n in json.loads(result[f"{outcome}_by_stage"] or "{}").items() if n]
+        rows += [{"job_key": key, "outcome": outcome, "stage": None, "n": result[column]}
+                 for outcome, column in (("wrong", "wrong"), ("unknown", "unknown"), ("timeout", "timeouts"))
+                 if result[column]]
+    return rows
 
 
 def _column_order(outcome: str, stage: str | None, stages: Sequence[str]) -> tuple:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ctbench.attacks.pgd import fast_bfloat16
 from ctbench.cli import main
 from ctbench.config import ConfigError, apply_overrides, config_from_dict
 from ctbench.presets import preset_data
@@ -27,7 +28,7 @@ def test_the_trainer_logs_every_epoch_and_prints_nothing(tmp_path, mnist, capfd)
         phases.append(description)
         return iterable
 
-    results = Trainer(small_config(), tmp_path / "run", dataset=mnist, progress=progress,
+    results = Trainer(small_config("attack.precision=auto"), tmp_path / "run", dataset=mnist, progress=progress,
                       on_epoch=records.append).fit()
     assert capfd.readouterr() == ("", "")  # silent: all it tells goes to the callbacks and the run folder
     assert [record["epoch"] for record in records] == [1, 2] and results["model"].startswith("epoch ")
@@ -39,7 +40,8 @@ def test_the_trainer_logs_every_epoch_and_prints_nothing(tmp_path, mnist, capfd)
     session, = json.loads((run / "environment.json").read_text())["sessions"]
     assert {"ctbench", "torch", "git_commit", "device", "threads", "started", "finished"} <= set(session)
     assert session["device"] == "cpu" and session["finished"] >= session["started"]
-    assert session["attack_precision"] == "float32" and session["cpu"]  # the preset's precision, resolved
+    # auto is recorded as what it resolved to on this machine
+    assert session["attack_precision"] == ("bfloat16" if fast_bfloat16("cpu") else "float32") and session["cpu"]
     if _has_tensorboard():
         assert any((run / "tensorboard").iterdir())
 

@@ -173,7 +173,7 @@ def _summary_counts(connection: sqlite3.Connection, keys: list[str]) -> list[dic
             rows += [{"job_key": key, "outcome": outcome, "stage": stage, "n": n}
                      for stage, n in json.loads(result[f"{outcome}_by_stage"] or "{}").items() if n]
         rows += [{"job_key": key, "outcome": outcome, "stage": None, "n": result[column]}
-                 for outcome, column in (("wrong", "wrong"), ("unknown", "unknown"), ("timeout", "timeouts"))
+                 for outcome, column in {"wrong": "wrong", "unknown": "unknown", "timeout": "timeouts"}.items()
                  if result[column]]
     return rows
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctbench.bounds import interval_bounds, linf_box
+from ctbench.bounds import Box, interval_bounds, linf_box
 from ctbench.config import config_from_dict
 from ctbench.models import InputSpec, Normalize, build_model, initialize
-from ctbench.models.ops import clean_forward, lower_network, run_ops
+from ctbench.models.ops import batch_statistics, clean_forward, lower_network, run_ops
 from ctbench.training import StepSettings, compute_step_gradients, make_method
 from ctbench.training.batchnorm import recompute_population_statistics
-from ctbench.training.regularizers import shi_input_box, shi_warmup_penalty
+from ctbench.training.regularizers import _relu_layer_sums, own_sums, shi_input_box, shi_warmup_penalty
 from ctbench.training.schedules import eps_at, lr_at, smooth_ramp
 from ctbench.data import Split
 
@@ -45,6 +45,29 @@ def test_clean_forward_matches_torch_training_mode_and_returns_batch_statistics(
     assert torch.allclose(logits, reference)
     ops = lower_network(model, stats)
     assert torch.allclose(run_ops(ops, x), reference)  # lowering with the same stats reproduces the pass
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features"])
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_batch_statistics_equal_var_mean_in_value_and_gradient(layout, offset):
+    """The CPU statistics (shifted plain sums, not var_mean) against float64 var_mean, in float32
+    with a mean up to 3e4 standard deviations from 0, where E[x^2] - E[x]^2 unshifted cancels."""
+    generator = torch.Generator().manual_seed(5)
+    shape = (6, 512) if layout == "features" else (6, 5, 7, 7)
+    values = torch.randn(shape, generator=generator) * 0.01 + offset + torch.arange(shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+    if layout == "channels_last":
+        values = values.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(2, shape[1], generator=generator, dtype=torch.float64)
+    x = values.clone().requires_grad_()
+    mean, var = batch_statistics(x)
+    ((mean.double() * weights[0]).sum() + (var.double() * weights[1] * 1e4).sum()).backward()
+    exact = values.double().requires_grad_()
+    dims = [d for d in range(len(shape)) if d != 1]
+    exact_var, exact_mean = torch.var_mean(exact, dim=dims, unbiased=False)
+    ((exact_mean * weights[0]).sum() + (exact_var * weights[1] * 1e4).sum()).backward()
+    assert torch.allclose(mean.double(), exact_mean, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(var.double(), exact_var, rtol=1e-3, atol=0), ((var - exact_var) / exact_var).abs().max()
+    assert torch.allclose(x.grad.double(), exact.grad, rtol=1e-3, atol=1e-3 * exact.grad.abs().max().item())
 
 
 def test_population_statistics_of_one_batch_are_its_batch_statistics():
@@ -178,6 +201,63 @@ def test_shi_tightness_compares_layer_radii_with_the_normalized_input_radius(spa
     std = model[0].std.item()  # 0.3081 as stored (float32)
     ratio = 1 / 8 if space == "normalized" else std / 8
     assert metrics["shi_penalty"] == pytest.approx((0.5 - ratio) / 0.5, rel=1e-9)
+
+
+def _literal_shi_penalty(input_box, pre_boxes, tolerance=0.5):
+    """Shi et al.'s regularizer written from its definition, with masks (the oracle)."""
+    input_radius = input_box.radius.mean()
+    total = 0
+    for pre in pre_boxes:
+        center, radius = pre.center, pre.radius
+        active, inactive = pre.lower > 0, pre.upper < 0
+        mean = center.mean()
+        total = total + F.relu(tolerance - input_radius / radius.mean()) / tolerance
+        if active.any() and inactive.any():  # else the ratios are 0/0 and the layer adds no balance term
+            for ratio in (center[active].sum() / -center[inactive].sum(),
+                          ((center[active] - mean) ** 2).sum() / ((center[inactive] - mean) ** 2).sum()):
+                total = total + F.relu(tolerance - torch.minimum(ratio, 1 / ratio)) / tolerance
+    return total / len(pre_boxes)
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.05])  # at 0.05 the second ReLU layer has no stable neuron
+def test_shi_penalty_equals_its_definition_in_value_and_gradient(eps):
+    model = tiny_model(seed=6)
+    x, _ = batch(seed=7, size=16)
+    ops = lower_network(model, clean_forward(model, x)[1], fold=True)
+    box = linf_box(x, eps)
+    boxes = interval_bounds(ops[:-1], box)
+    relu_inputs = [boxes[i - 1] for i, op in enumerate(ops) if type(op).__name__ == "ReluOp"]
+    stable = [bool((b.lower > 0).any() and (b.upper < 0).any()) for b in relu_inputs]
+    assert stable == ([True, True] if eps == 0.02 else [True, False])
+    ours = shi_warmup_penalty(ops, box, boxes)
+    literal = _literal_shi_penalty(box, relu_inputs)
+    assert ours.item() == pytest.approx(literal.item(), rel=1e-10)
+    parameters = list(model.parameters())
+    gradients = [g for g in torch.autograd.grad(ours, parameters, retain_graph=True, allow_unused=True) if g is not None]
+    expected = [g for g in torch.autograd.grad(literal, parameters, allow_unused=True) if g is not None]
+    assert len(gradients) == len(expected) >= 4
+    for a, b in zip(gradients, expected):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_shi_layer_sums_in_float32_equal_their_definitions_in_float64():
+    """Pre-activation centres 50 +- 1 and 40 of 600 neurons below zero (layer mean about 13
+    spreads from the active centres): the spreads around the layer mean come from float32 sums of
+    c and c^2, which lose about (mean / spread)^2 x 1e-7 of their value to cancellation."""
+    generator = torch.Generator().manual_seed(8)
+    center = torch.randn(32, 600, generator=generator) + 50
+    center[:, :40] -= 52
+    radius = torch.rand(32, 600, generator=generator) * 0.5
+    box = Box(center - radius, center + radius)
+    sums = _relu_layer_sums(box, own_sums)
+    exact = Box(box.lower.double(), box.upper.double())
+    c, r = exact.center, exact.radius
+    active, inactive = exact.lower > 0, exact.upper < 0
+    mean = c.mean()
+    expected = (r.sum(), c[active].sum(), c[inactive].sum(), ((c[active] - mean) ** 2).sum(),
+                ((c[inactive] - mean) ** 2).sum(), c.numel())
+    for value, exact in zip(sums, expected):
+        assert value.item() == pytest.approx(float(exact), rel=1e-4)
 
 
 def test_sabr_warmup_regularizer_is_measured_on_the_small_box(monkeypatch):

@@ -165,10 +165,11 @@ def _attack_chunk(ops: tuple[Op, ...], current: Tensor, spare: Tensor, best: Ten
         if step_size is None:
             break
         seed = torch.zeros_like(logits).scatter_(1, targets, 1.0).scatter_(1, labels, -1.0)
-        direction = _margin_gradient(ops, saved, seed, gradient_out)
+        direction = _margin_gradient(ops, saved, seed, gradient_out).sign_()
+        if direction.dtype != previous.dtype:  # reduced precision: signs into the next iterate's buffer first,
+            direction = previous.copy_(direction)  # as addcmul converts a mixed-dtype, broadcast operand slower
         following = previous.view(grid_shape)
-        torch.addcmul(current.view(grid_shape), width, direction.sign_().view(grid_shape), value=step_size,
-                      out=following)
+        torch.addcmul(current.view(grid_shape), width, direction.view(grid_shape), value=step_size, out=following)
         following.clamp_(lower, upper)
         current, previous = previous, current
     torch.where(_rows(best_is_previous, current.dim()), current, best, out=best)

@@ -175,20 +175,3 @@ def test_conv_input_gradient_equals_autograd(size, kernel, stride, padding, memo
     saved = margin_pgd_module._saved_for_gradient(op, x.detach(), y.detach())
     assert torch.allclose(margin_pgd_module._input_gradient(op, saved, grad), expected, rtol=0, atol=1e-12)
 
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
-def test_input_attack_logits_and_gradients_equal_the_lowered_network(memory_format):
-    """Input attacks run the chain with a channels-last Flatten as a view and the Linear's
-    columns permuted: the same logits and input gradients as the lowered network."""
-    from ctbench.attacks.margin_pgd import ChannelsLastFlattenOp
-    _, step = training_step_inputs(memory_format)
-    flattens = [op for op in step._input_attack_ops if isinstance(op, ChannelsLastFlattenOp)]
-    assert len(flattens) == (1 if memory_format == CHANNELS_LAST else 0)
-    x = step.inputs.clone().requires_grad_()
-    ours = step.attack_logits(x)
-    expected = run_ops(step.attack_ops, x)
-    assert torch.allclose(ours, expected, rtol=1e-12, atol=1e-12)
-    seed = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3), dtype=ours.dtype)
-    ours_gradient, = torch.autograd.grad(ours, x, seed)
-    expected_gradient, = torch.autograd.grad(run_ops(step.attack_ops, x), x, seed)
-    assert torch.allclose(ours_gradient, expected_gradient, rtol=1e-10, atol=1e-12)

@@ -75,10 +75,10 @@ def as_phase_conv(op: ConvOp, input_shape: torch.Size) -> PhaseConvOp | None:
 
 def input_attack_ops(ops: tuple[Op, ...], example: Tensor) -> tuple[Op, ...]:
     """The chain for attacks on its input (``example``: a few input rows, to see the shapes and
-    memory formats of the activations)."""
+    memory formats of the activations). Phases only on a CPU, where they were measured."""
     ops, x = list(flatten_in_memory_order(ops, example)), example.detach()
     for index, op in enumerate(ops):
-        if isinstance(op, ConvOp) and op.weight.shape[1] <= PHASE_CHANNELS:
+        if isinstance(op, ConvOp) and op.weight.shape[1] <= PHASE_CHANNELS and x.device.type == "cpu":
             ops[index] = as_phase_conv(op, x.shape) or op
         with torch.no_grad():
             x = op(x)

@@ -13,7 +13,10 @@ gradient after the Flatten, which both then ran through slow mixed-layout kernel
   e_t - e_y), each gradient in the memory format of its forward activation, a linear first op's
   written into a buffer; a Flatten of a channels-last activation becomes a view;
 * the box is broadcast over targets, never copied; a step clamps once; iterates alternate
-  between two buffers, so a best point is copied only when the margin stops growing.
+  between two buffers, so a best point is copied only when the margin stops growing;
+* under a reduced attack precision the iterates themselves are in it (half the memory traffic
+  of every elementwise pass, and no conversion before each forward or after each sign); the
+  points found are converted back and clamped into the box of the box's own precision.
 
 It computes ``pgd_attack``'s result with the target margin as loss on the box repeated per
 target: on a CPU the same random starts for the same seed, and iterates equal up to float
@@ -136,24 +139,23 @@ def _rows(mask: Tensor, ndim: int) -> Tensor:
 
 
 def _attack_chunk(ops: tuple[Op, ...], current: Tensor, spare: Tensor, best: Tensor, lower: Tensor, upper: Tensor,
-                  labels: Tensor, targets: Tensor, sizes: list[float], cast: Tensor | None,
-                  gradient_out: Tensor | None) -> Tensor:
+                  labels: Tensor, targets: Tensor, sizes: list[float], gradient_out: Tensor | None) -> Tensor:
     """PGD from the start points in ``current`` (rows: samples x targets, the box per sample
-    broadcast over targets); the best point of each row (its start if no margin beats -inf)
-    ends in ``best``, its margin is returned.
-    ``cast``: where to copy the points in the ops' reduced precision, if they run in one.
+    broadcast over targets; all in the ops' precision); the best point of each row (its start
+    if no margin beats -inf) ends in ``best``, its float32 margin is returned.
 
     Iterates alternate between ``current`` and ``spare``, so the previous iterate survives one
     step: a row's best point is copied only when an iterate that improved it is followed by one
     that does not (rarely: the margin grows at almost every step), not at every step."""
     grid_shape = (lower.shape[0], -1, *lower.shape[2:])  # (samples, targets, *sample shape)
     width = upper - lower
-    best_margin = torch.full((current.shape[0],), float("-inf"), dtype=lower.dtype, device=lower.device)
+    best_margin = torch.full((current.shape[0],), float("-inf"), dtype=torch.promote_types(lower.dtype, torch.float32),
+                             device=lower.device)
     best_is_previous = torch.zeros_like(best_margin, dtype=torch.bool)  # held only in the previous iterate
     previous = spare
     best.copy_(current)
     for step_size in sizes + [None]:
-        logits, saved = _forward(ops, current if cast is None else cast.copy_(current))
+        logits, saved = _forward(ops, current)
         scores = logits.float()  # pgd_attack ranks by the margin of float32 logits
         margin = (scores.gather(1, targets) - scores.gather(1, labels)).squeeze(1).to(best_margin.dtype)
         improved = margin > best_margin
@@ -166,8 +168,6 @@ def _attack_chunk(ops: tuple[Op, ...], current: Tensor, spare: Tensor, best: Ten
             break
         seed = torch.zeros_like(logits).scatter_(1, targets, 1.0).scatter_(1, labels, -1.0)
         direction = _margin_gradient(ops, saved, seed, gradient_out).sign_()
-        if direction.dtype != previous.dtype:  # reduced precision: signs into the next iterate's buffer first,
-            direction = previous.copy_(direction)  # as addcmul converts a mixed-dtype, broadcast operand slower
         following = previous.view(grid_shape)
         torch.addcmul(current.view(grid_shape), width, direction.view(grid_shape), value=step_size, out=following)
         following.clamp_(lower, upper)
@@ -198,15 +198,14 @@ def margin_pgd(ops: tuple[Op, ...], box: Box, labels: Tensor, targets: Tensor, s
         samples_per_chunk = batch
     chunk_rows = min(batch, samples_per_chunk) * target_count
 
-    def chunk_buffer(dtype: torch.dtype = lower.dtype) -> Tensor:
+    def chunk_buffer(dtype: torch.dtype) -> Tensor:
         return torch.empty((chunk_rows, *sample_shape), dtype=dtype, device=device, memory_format=memory_format)
 
-    current_buffer, spare_buffer, best_buffer = chunk_buffer(), chunk_buffer(), chunk_buffer()
-    dtype = PRECISIONS[resolve_precision(settings.precision, device)]
-    compute_ops = tuple(ops) if dtype is None else tuple(_in_dtype(op, dtype) for op in ops)
-    compute_ops = flatten_in_memory_order(compute_ops, lower[:2].to(dtype or lower.dtype))
-    gradient_buffer = chunk_buffer(dtype or lower.dtype) if first_is_linear else None
-    cast_buffer = None if dtype is None else chunk_buffer(dtype)
+    dtype = PRECISIONS[resolve_precision(settings.precision, device)] or lower.dtype
+    current_buffer, spare_buffer, best_buffer = chunk_buffer(dtype), chunk_buffer(dtype), chunk_buffer(dtype)
+    compute_ops = tuple(ops) if dtype == lower.dtype else tuple(_in_dtype(op, dtype) for op in ops)
+    compute_ops = flatten_in_memory_order(compute_ops, lower[:2].to(dtype))
+    gradient_buffer = chunk_buffer(dtype) if first_is_linear else None
     result = torch.empty((batch * target_count, *sample_shape), dtype=lower.dtype, device=device,
                          memory_format=memory_format)
     result_margin = torch.full((batch * target_count,), float("-inf"), dtype=lower.dtype, device=device)
@@ -218,16 +217,19 @@ def margin_pgd(ops: tuple[Op, ...], box: Box, labels: Tensor, targets: Tensor, s
             count = rows.stop - rows.start
             start, best = current_buffer[:count], best_buffer[:count]
             chunk_lower, chunk_upper = lower[first:last].unsqueeze(1), upper[first:last].unsqueeze(1)
+            compute_lower, compute_upper = chunk_lower.to(dtype), chunk_upper.to(dtype)
             if settings.random_start != "center":
                 start.uniform_(generator=generator)
-            place_start(start.view(last - first, target_count, *sample_shape), chunk_lower, chunk_upper, None,
+            place_start(start.view(last - first, target_count, *sample_shape), compute_lower, compute_upper, None,
                         settings.random_start)
             best_margin = _attack_chunk(
-                compute_ops, start, spare_buffer[:count], best, chunk_lower, chunk_upper,
+                compute_ops, start, spare_buffer[:count], best, compute_lower, compute_upper,
                 labels[first:last].repeat_interleave(target_count).view(-1, 1), targets[first:last].reshape(-1, 1),
-                sizes, None if cast_buffer is None else cast_buffer[:count],
-                None if gradient_buffer is None else gradient_buffer[:count])
+                sizes, None if gradient_buffer is None else gradient_buffer[:count])
             better = (best_margin > result_margin[rows]) | (restart == 0)
             result_margin[rows] = torch.where(better, best_margin, result_margin[rows])
+            if dtype != lower.dtype:  # back in the box's precision, and in its box (rounding may leave it)
+                best = best.to(lower.dtype).view(last - first, target_count, *sample_shape)
+                best = best.clamp_(chunk_lower, chunk_upper).view(count, *sample_shape)
             torch.where(_rows(better, best.dim()), best, result[rows], out=result[rows])
     return result.view(batch, target_count, *sample_shape)

@@ -368,6 +368,68 @@ def test_an_exported_database_imports_into_a_fresh_one_and_its_jobs_count_as_don
     assert accuracy_table(connect(fresh), suite).rows[0].cells["ours_seeds"].text == "3/3"
 
 
+def write_sessions(job, root, *precisions):
+    """The run's environment.json with one training session per precision."""
+    atomic_write_json(job.run_dir(root) / "environment.json",
+                      {"sessions": [{"attack_precision": precision, "device": "cpu"} for precision in precisions]})
+
+
+def test_runs_record_what_their_training_attacks_ran_in_and_the_table_says_it(synthetic_db):
+    """runs.attack_precision holds what each run's sessions ran their attacks in ("auto"
+    resolved), each precision once, in order; NULL for IBP, which trains without attacks."""
+    suite, connection, root = synthetic_db
+    jobs = {(job.method, job.seed): job for job in suite.jobs}
+    write_sessions(jobs[("sabr", 0)], root, "bfloat16")
+    write_sessions(jobs[("sabr", 1)], root, "float32", "bfloat16", "bfloat16")  # resumed on other hardware
+    write_sessions(jobs[("ibp", 0)], root, "bfloat16")
+    for key in (("sabr", 0), ("sabr", 1), ("ibp", 0)):
+        ingest_job(connection, jobs[key], root)
+    stored = dict(connection.execute("SELECT config_hash, attack_precision FROM runs").fetchall())
+    assert stored[jobs[("sabr", 0)].train_key] == "bfloat16"
+    assert stored[jobs[("sabr", 1)].train_key] == "float32+bfloat16"
+    assert stored[jobs[("ibp", 0)].train_key] is None and stored[jobs[("ibp", 1)].train_key] is None
+    note = next(n for n in accuracy_table(connection, suite).notes if n.startswith("Ours, precision"))
+    assert "mnist-0.1 SABR: bfloat16 in 1 run, float32+bfloat16 in 1 run." in note and "IBP" not in note
+
+
+def test_a_version_1_database_is_migrated_when_opened(tmp_path):
+    """Version 1 had no runs.attack_precision: opening it adds the column, filled from each
+    run's config where it names a precision, and leaves every other row as it was."""
+    from ctbench.bench.store import SCHEMA
+
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as old:
+        old.executescript(SCHEMA.replace(", attack_precision TEXT", ""))
+        old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        for key, method, precision in (("a", "sabr", "bfloat16"), ("b", "sabr", "float32"), ("c", "ibp", "float32"),
+                                       ("d", "sabr", "auto")):
+            old.execute("INSERT INTO runs (config_hash, run_dir, setting, method, seed, config) VALUES (?, ?, ?, ?, ?, ?)",
+                        (key, "/r", "mnist-0.1", method, 0, json.dumps({"attack": {"precision": precision}})))
+    with connect(path) as migrated:
+        assert migrated.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert dict(migrated.execute("SELECT config_hash, attack_precision FROM runs").fetchall()) == \
+            {"a": "bfloat16", "b": "float32", "c": None, "d": None}
+        assert migrated.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with connect(path) as again:  # a second opening changes nothing
+        assert again.execute("SELECT COUNT(*) FROM runs WHERE attack_precision IS NOT NULL").fetchone()[0] == 2
+
+
+def test_a_version_1_export_imports_with_the_precision_of_its_configs(synthetic_db, tmp_path):
+    suite, connection, root = synthetic_db
+    data = json.loads(export_json(connection, tmp_path / "v2.json", verdicts=False).read_text())
+    data["meta"] = [{"key": "schema_version", "value": "1"}]
+    for row in data["runs"]:
+        del row["attack_precision"]
+        row["config"]["attack"]["precision"] = "bfloat16"
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    from ctbench.bench.export import import_json
+
+    with connect(tmp_path / "fresh.sqlite") as fresh:
+        import_json(fresh, tmp_path / "v1.json")
+        stored = dict(fresh.execute("SELECT method, attack_precision FROM runs").fetchall())
+    assert stored == {"sabr": "bfloat16", "ibp": None}
+
+
 def test_import_refuses_what_is_not_an_export(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"meta": [{"key": "schema_version", "value": "99"}], "runs": []}))
     assert main(["bench", "import", str(tmp_path / "other.json"), "--db", str(tmp_path / "db.sqlite")]) == 2
@@ -499,6 +561,23 @@ def test_job_key_changes_with_the_config_the_certification_and_the_version(tmp_p
     assert job().job_key != key
 
 
+def test_attack_precision_keys_only_the_methods_that_train_with_attacks(tmp_path):
+    """attack.precision changes what SABR trains, so its jobs differ by it; IBP, CROWN-IBP and
+    standard training run no attack, so their jobs (keys, run folders, configs) are the same for
+    every precision, float32 included (their key from before the default became auto)."""
+    def job(preset, precision, *overrides):
+        overrides = ", ".join([*overrides, f"attack.precision={precision}"])
+        path = write_suite(tmp_path, f"groups: [{{presets: [{preset}], overrides: [{overrides}]}}]")
+        return load_suite(path).jobs[0]
+
+    for preset, *overrides in (("demo/ibp",), ("mnist-mini-0.1/crown_ibp",), ("demo/ibp", "method.name=standard")):
+        keys = {job(preset, precision, *overrides).train_key for precision in ("float32", "auto", "bfloat16")}
+        assert len(keys) == 1, (preset, overrides)
+        assert job(preset, "auto", *overrides).config["attack"]["precision"] == "float32"
+    assert len({job("mnist-mini-0.1/sabr", precision).train_key for precision in ("float32", "auto", "bfloat16")}) == 3
+    assert job("mnist-mini-0.1/sabr", "auto").config["attack"]["precision"] == "auto"
+
+
 def test_apgd_in_the_attack_stage_is_a_certification_of_its_own(tmp_path):
     """``certify: {apgd: true}`` hands the cascade APGD-CE and APGD-T after PGD: another
     certification (job key) of the same trained model, named in Table 1's attack note; false
@@ -564,7 +643,7 @@ def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():
 
     defaults = {(job.setting, job.method, job.seed): dict(flat(job.config)) for job in load_suite("mnist-mini").jobs}
     arms = load_suite(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "mnist-mini-arms.yaml"))
-    assert len(arms.jobs) == 39
+    assert len(arms.jobs) == 46
     for job in arms.jobs:
         default, config = defaults[(job.setting, job.method, job.seed)], dict(flat(job.config))
         changed = {key for key in config if config[key] != default.get(key)}

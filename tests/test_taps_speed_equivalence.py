@@ -79,7 +79,7 @@ def training_step_inputs(memory_format=torch.contiguous_format, fold=True, eps=0
 
 def make(name, classifier_size):
     return make_method(config_from_dict({"method": {"name": name, "classifier_size": classifier_size},
-                                         "attack": {"steps": 5, "restarts": 2}}))
+                                         "attack": {"steps": 5, "restarts": 2, "precision": "float32"}}))
 
 
 @pytest.fixture

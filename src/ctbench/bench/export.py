@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json, atomic_write_text
-from .store import SCHEMA_VERSION, TABLES, StoreError, transaction
+from .store import SCHEMA_VERSION, TABLES, StoreError, configured_attack_precision, transaction
 
 JSON_COLUMNS = {"definition", "config", "trainer_test", "overrides", "certify", "analyses", "metrics",
                 "certified_by_stage", "falsified_by_stage", "seconds_by_stage", "provenance", "spec", "result",
@@ -82,7 +82,8 @@ def export_json(connection: sqlite3.Connection, path: Path, suite: str | None = 
 def import_json(connection: sqlite3.Connection, path: Path) -> dict[str, int]:
     """Read an ``export_json`` file into the database in one transaction: each row replaces the
     row of the same key (a job, a run, a sample), so importing twice changes nothing. The file
-    must have this database's schema version; returns the rows read per table."""
+    must have this database's schema version, or version 1 (its runs then take their attack
+    precision from their configs); returns the rows read per table."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -94,9 +95,12 @@ def import_json(connection: sqlite3.Connection, path: Path) -> dict[str, int]:
         raise StoreError(f"{path} is not a `ctbench bench export --json` file (expected an object of the tables "
                          f"{', '.join(TABLES)})")
     versions = {row.get("value") for row in data.get("meta", []) if row.get("key") == "schema_version"}
-    if versions != {str(SCHEMA_VERSION)}:
+    if versions == {"1"}:  # version 2 added runs.attack_precision
+        for row in data["runs"]:
+            row["attack_precision"] = configured_attack_precision(row["method"], row["config"])
+    elif versions != {str(SCHEMA_VERSION)}:
         raise StoreError(f"{path} has schema version {', '.join(map(str, versions)) or 'none'}, this ctbench reads "
-                         f"version {SCHEMA_VERSION}")
+                         f"versions 1 and {SCHEMA_VERSION}")
     counts = {}
     with transaction(connection):
         for table in TABLES:

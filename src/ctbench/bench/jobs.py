@@ -4,8 +4,9 @@ A job is a resolved training config (a preset or YAML file, overrides, a seed), 
 certification settings (``CertifySpec``) and the chosen analyses (``AnalysisSpec``). Its
 keys are content hashes:
 
-* ``train_key``: the resolved config (``config_to_dict``) and the ctbench version; it names the
-  run folder, so jobs that differ only in their certification share one trained model;
+* ``train_key``: the resolved config (``config_to_dict``, then ``canonical_config``) and the
+  ctbench version; it names the run folder, so jobs that differ only in their certification
+  share one trained model;
 * ``certify_key``: the certification settings; it names the verdicts folder inside the run;
 * ``job_key``: config, certification settings and version together; the job's id in the
   results database.
@@ -21,16 +22,32 @@ Layout under the bench root (default ``runs/bench``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
 DEFAULT_STAGES = ("ibp", "crown-ibp", "attack", "alpha-crown", "bab")
 FALSIFYING_STAGES = ("attack", "bab", "milp")  # stages that can find a counterexample
+
+
+def canonical_config(config: "TrainConfig") -> "TrainConfig":
+    """The resolved config as a job trains and hashes it. For a method that trains without
+    attacks, attack.precision changes nothing; it is set to float32 (its default before "auto"),
+    so that such a job keeps one run folder and key whatever that setting says."""
+    from ..methods import METHODS
+
+    name = config.method.name
+    if name not in METHODS or METHODS.get(name).trains_with_attacks or config.attack.precision == "float32":
+        return config
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, precision="float32"))
 
 
 def content_hash(data: Any, length: int = 16) -> str:

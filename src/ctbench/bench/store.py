@@ -15,10 +15,15 @@ Schema (``SCHEMA``; version in ``meta``):
 * ``suite_jobs(suite, job_key)``: which jobs belong to which suite (a job may be in several).
 * ``runs(config_hash, run_dir, setting, method, seed, dataset, architecture, train_eps,
   test_eps, config, package_version, git_commit, torch_version, device, threads, model_source,
-  epochs_completed, trainer_test)``: one trained model per resolved config. ``config_hash`` is
-  the job's ``train_key`` (hash of the resolved config and the ctbench version), ``config`` the
-  resolved config (JSON), ``trainer_test`` the Trainer's own float32 test screening
-  (``results.json``); device and threads are those of the train phase.
+  epochs_completed, trainer_test, attack_precision)``: one trained model per resolved config.
+  ``config_hash`` is the job's ``train_key`` (hash of the resolved config and the ctbench
+  version), ``config`` the resolved config (JSON), ``trainer_test`` the Trainer's own float32
+  test screening (``results.json``); device and threads are those of the train phase;
+  ``attack_precision`` what the training attacks ran in, "auto" resolved ("float32",
+  "bfloat16", or e.g. "float32+bfloat16" for a run resumed on other hardware; NULL for a method
+  that trains without attacks, or where unknown). Version 2 added it; a version 1 database is
+  migrated when opened, a version 1 export when imported (the column from the config where it
+  names a precision).
 * ``jobs(job_key, config_hash, certify_hash, setting, method, seed, source, overrides, certify,
   analyses, run_dir, certify_dir, status, error, updated_at)``: status is "pending", "done",
   "error" (``error`` holds the phase and message, or why the job's worker process or cluster job
@@ -54,7 +59,7 @@ from .jobs import (
     FALSIFYING_STAGES, Job, analysis_record_path, certify_record_path, read_record, train_record_path,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 120_000
 
 SCHEMA = """
@@ -66,7 +71,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_hash TEXT PRIMARY KEY, run_dir TEXT NOT NULL, setting TEXT NOT NULL, method TEXT NOT NULL,
     seed INTEGER NOT NULL, dataset TEXT, architecture TEXT, train_eps REAL, test_eps REAL, config TEXT NOT NULL,
     package_version TEXT, git_commit TEXT, torch_version TEXT, device TEXT, threads INTEGER, model_source TEXT,
-    epochs_completed INTEGER, trainer_test TEXT);
+    epochs_completed INTEGER, trainer_test TEXT, attack_precision TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
     job_key TEXT PRIMARY KEY, config_hash TEXT NOT NULL, certify_hash TEXT NOT NULL, setting TEXT NOT NULL,
     method TEXT NOT NULL, seed INTEGER NOT NULL, source TEXT NOT NULL, overrides TEXT NOT NULL, certify TEXT NOT NULL,
@@ -121,10 +126,41 @@ def _create_schema(connection: sqlite3.Connection) -> None:
         for statement in filter(str.strip, SCHEMA.split(";")):
             connection.execute(statement)
         connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    found = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        found = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if found == "1":  # version 2 added runs.attack_precision
+            connection.execute("ALTER TABLE runs ADD COLUMN attack_precision TEXT")
+            for row in connection.execute("SELECT config_hash, method, config FROM runs").fetchall():
+                connection.execute("UPDATE runs SET attack_precision = ? WHERE config_hash = ?",
+                                   (configured_attack_precision(row["method"], json.loads(row["config"])),
+                                    row["config_hash"]))
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            found = str(SCHEMA_VERSION)
     if int(found) != SCHEMA_VERSION:
         raise StoreError(f"the results database has schema version {found}, this ctbench reads version "
                          f"{SCHEMA_VERSION}; use another --db file")
+
+
+def configured_attack_precision(method: str, config: dict) -> str | None:
+    """The training attacks' precision as the config names it: None for a method that trains
+    without attacks, or for "auto" (which only the run's sessions resolve)."""
+    from ..methods import METHODS
+
+    precision = config.get("attack", {}).get("precision", "float32")  # float32: the default before "auto"
+    if precision == "auto" or (method in METHODS and not METHODS.get(method).trains_with_attacks):
+        return None
+    return precision
+
+
+def _attack_precision(job: Job, run_dir: Path) -> str | None:
+    """What the run's training attacks ran in, from its sessions (environment.json); the
+    config's own value where the sessions do not say."""
+    from ..methods import METHODS
+
+    if job.method in METHODS and not METHODS.get(job.method).trains_with_attacks:
+        return None
+    sessions = (read_record(run_dir / "environment.json") or {}).get("sessions", [])
+    ran = [session["attack_precision"] for session in sessions if session.get("attack_precision")]
+    return "+".join(dict.fromkeys(ran)) if ran else configured_attack_precision(job.method, job.config)
 
 
 @contextlib.contextmanager
@@ -233,11 +269,12 @@ def _write_run(connection: sqlite3.Connection, job: Job, root: Path, train: dict
     epochs = _metrics(run_dir / "metrics.jsonl")
     config = job.config
     connection.execute(
-        "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (job.train_key, str(run_dir.resolve()), job.setting, job.method, job.seed, config["data"]["dataset"],
          config["model"]["architecture"], config["eps"]["train_eps"], config["eps"]["test_eps"], _json(config),
          environment.get("ctbench"), environment.get("git_commit"), environment.get("torch"), result.get("device"),
-         environment.get("threads"), trainer_results.get("model"), len(epochs), _json(trainer_results.get("test"))))
+         environment.get("threads"), trainer_results.get("model"), len(epochs), _json(trainer_results.get("test")),
+         _attack_precision(job, run_dir)))
     connection.execute("DELETE FROM epochs WHERE config_hash = ?", (job.train_key,))
     connection.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)", [
         (job.train_key, e["epoch"], e.get("lr"), e.get("eps"), e.get("train_seconds"), int(bool(e.get("selected"))),

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from ..config import ConfigError, config_to_dict, did_you_mean, read_yaml
 from .analyses import ANALYSES, DEFAULT_COUNT
-from .jobs import AnalysisSpec, CertifySpec, Job
+from .jobs import AnalysisSpec, CertifySpec, Job, canonical_config
 
 SUITE_DIR = Path(__file__).parent / "suites"
 SUITE_KEYS = ("description", "seeds", "certify", "analyses", "groups")
@@ -182,7 +182,7 @@ def _resolve(source: str, overrides: list[str], where: str) -> dict[str, Any]:
     from ..presets import load_config
 
     try:
-        return config_to_dict(load_config(source, overrides))
+        return config_to_dict(canonical_config(load_config(source, overrides)))
     except ConfigError as error:
         raise SuiteError(f"{where}: {error}") from None
 

@@ -25,7 +25,7 @@ import yaml
 from .. import __version__
 from ..config import ConfigError, TrainConfig, apply_overrides, config_from_dict, config_to_dict, merge
 from ..presets import preset_data
-from .jobs import content_hash
+from .jobs import canonical_config, content_hash
 
 GridValue = Any  # None, bool, int, float or str: what Optuna's GridSampler stores
 
@@ -55,7 +55,7 @@ class Sweep:
         return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
 
     def config(self, params: dict[str, GridValue], seed: int) -> TrainConfig:
-        return config_from_dict(_with_params(_base_data(self.preset, self.overrides), params, seed))
+        return canonical_config(config_from_dict(_with_params(_base_data(self.preset, self.overrides), params, seed)))
 
     def run_dir(self, root: Path, params: dict[str, GridValue], seed: int) -> Path:
         key = content_hash({"config": config_to_dict(self.config(params, seed)), "version": __version__})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,8 +291,9 @@ def accuracy_table(connection: sqlite3.Connection, suite: Suite) -> Table:
     columns += _reference_columns(records, FIGURE_SOURCES, FIGURE_METRICS, compared=True)
     _fill_reference(rows, records)
     used = [s for s in FIGURE_SOURCES if any(r.source == s for r in records)]
+    notes = failures + [_attack_note(suite.jobs)] + _precision_notes(connection, grouped, rows)
     table = Table(f"Table 1, suite {suite.name}: accuracy [%]", "%", columns, rows,
-                  notes=failures + [_attack_note(suite.jobs)] + _soundness_notes(suite.jobs) + _notes(records, used))
+                  notes=notes + _soundness_notes(suite.jobs) + _notes(records, used))
     _mark_best(table)
     return table
 
@@ -304,6 +306,27 @@ def _attack_note(jobs: tuple[Job, ...]) -> str:
         return "Ours, Adv.: no attack stage in the suite's cascade; only its complete verifier falsifies."
     return ("Ours, Adv.: samples without a counterexample from the certification cascade, whose attack stage is "
             + ", ".join(attacks) + "; certified samples are not attacked.")
+
+
+def _precision_notes(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]], rows: list[Row]) -> list[str]:
+    """What each row's training attacks ran in, per finished job's run (runs.attack_precision:
+    "auto" resolved by the hardware of each run), for the rows whose runs recorded it."""
+    keys = [job.job_key for jobs in grouped.values() for job in jobs]
+    precisions = dict(connection.execute(
+        f"SELECT j.job_key, r.attack_precision FROM jobs j JOIN runs r ON r.config_hash = j.config_hash "
+        f"WHERE j.status = 'done' AND r.attack_precision IS NOT NULL AND j.job_key IN ({_placeholders(keys)})",
+        keys).fetchall()) if keys else {}
+    parts = []
+    for row in rows:
+        counts = Counter(precisions[job.job_key] for job in grouped.get(row.key, []) if job.job_key in precisions)
+        if counts:
+            runs = ", ".join(f"{precision} in {count} run{'s' if count > 1 else ''}" for precision, count in
+                             sorted(counts.items()))
+            parts.append(f"{row.setting} {row.method_name}: {runs}")
+    if not parts:
+        return []
+    return ["Ours, precision of the training attacks (attack.precision; auto is bfloat16 where the hardware has fast "
+            "bfloat16, else float32): " + "; ".join(parts) + "."]
 
 
 def time_table(connection: sqlite3.Connection, suite: Suite) -> Table:

@@ -84,6 +84,8 @@ class Method:
     # Whether the loss is a sum of independent per-sample terms once the BatchNorm statistics
     # are fixed (then gradient accumulation equals the full batch exactly).
     per_sample_loss: ClassVar[bool] = True
+    # Whether training runs the config's attack (attack.*); without one, attack.precision changes nothing.
+    trains_with_attacks: ClassVar[bool] = True
 
     def __init__(self, options, config: "TrainConfig") -> None:
         self.options = options

@@ -69,6 +69,7 @@ def fused_cross_entropy_bound(step: StepInputs, box: Box, intermediate: dict[int
 @METHODS.register("crown_ibp")
 class CrownIBP(Method):
     Options = CrownIbpOptions
+    trains_with_attacks = False
 
     def robust_loss(self, step: StepInputs) -> RobustLoss:
         box = step.box()

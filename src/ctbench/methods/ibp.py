@@ -23,5 +23,7 @@ def ibp_loss(step: StepInputs, box: Box, options: IBPOptions = IBPOptions()) -> 
 
 @METHODS.register("ibp")
 class IBP(Method):
+    trains_with_attacks = False
+
     def robust_loss(self, step: StepInputs) -> RobustLoss:
         return ibp_loss(step, step.box())

@@ -104,7 +104,7 @@ def test_the_soundness_analysis_attacks_the_certified_samples_and_fills_its_colu
     shutil.copytree(source_root, root)
     # the smoke suite's IBP model certifies nothing at 0.1; at eps 0.001 its correct samples
     text = suite_path("smoke").read_text().replace("methods: [ibp, pgd]", "methods: [ibp]")
-    text = text.replace("overrides: [", "overrides: [eps.test_eps=0.001, ")
+    text = text.replace("overrides: [", "overrides: [eps.test_eps=0.001, ").replace("count: 16, attack", "count: 64, attack")
     suite = load_suite(write_suite(tmp_path, text, "smoke-small-eps"))
     assert run_suite(suite, root, root / "ctbench.sqlite").failed == []
     job = suite.jobs[0]
@@ -112,7 +112,7 @@ def test_the_soundness_analysis_attacks_the_certified_samples_and_fills_its_colu
     checkpoint, verdicts_written = (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns, verdicts.stat().st_mtime_ns
     audited = load_suite(write_suite(tmp_path, text.replace(
         "analyses: {utilization: {count: 16}}",
-        "analyses: {utilization: {count: 16}, soundness: {count: 16, steps: 5, restarts: 2}}"), "audited"))
+        "analyses: {utilization: {count: 16}, soundness: {count: 64, steps: 5, restarts: 2}}"), "audited"))
     assert [j.job_key for j in audited.jobs] == [job.job_key]
     assert run_suite(audited, root, root / "ctbench.sqlite").done == [job.label]
     assert (job.run_dir(root) / "checkpoint.pt").stat().st_mtime_ns == checkpoint

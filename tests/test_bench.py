@@ -578,6 +578,28 @@ def test_attack_precision_keys_only_the_methods_that_train_with_attacks(tmp_path
     assert job("mnist-mini-0.1/sabr", "auto").config["attack"]["precision"] == "auto"
 
 
+def test_a_whole_suite_sets_its_members_and_a_narrowed_one_adds_to_them(tmp_path):
+    """After its file changes, a whole run of a suite leaves only its present jobs as members
+    (its exports then hold nothing of the old version); --only and --seeds only add."""
+    from ctbench.bench.suites import select_jobs
+
+    def members(connection):
+        return {row[0] for row in connection.execute("SELECT job_key FROM suite_jobs WHERE suite = 'user'")}
+
+    connection, root = connect(tmp_path / "db.sqlite"), tmp_path / "bench"
+    first = load_suite(write_suite(tmp_path, "groups: [{presets: [demo/ibp], seeds: [0, 1]}]"))
+    register_suite(connection, first, list(first.jobs), root)
+    edited = load_suite(write_suite(tmp_path, "groups: [{presets: [demo/ibp], seeds: [0, 1], overrides: [optim.lr=1e-3]}]"))
+    register_suite(connection, edited, list(edited.jobs), root)
+    assert members(connection) == {job.job_key for job in edited.jobs}
+    narrowed = select_jobs(first, ["demo/ibp/seed0"])
+    more_seeds = load_suite(str(edited.path), seeds=[2])
+    for suite in (narrowed, more_seeds):
+        register_suite(connection, suite, list(suite.jobs), root)
+    assert members(connection) == {job.job_key for job in (*edited.jobs, *narrowed.jobs, *more_seeds.jobs)}
+    assert connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 5  # no job row is dropped
+
+
 def test_apgd_in_the_attack_stage_is_a_certification_of_its_own(tmp_path):
     """``certify: {apgd: true}`` hands the cascade APGD-CE and APGD-T after PGD: another
     certification (job key) of the same trained model, named in Table 1's attack note; false
@@ -643,7 +665,7 @@ def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():
 
     defaults = {(job.setting, job.method, job.seed): dict(flat(job.config)) for job in load_suite("mnist-mini").jobs}
     arms = load_suite(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "mnist-mini-arms.yaml"))
-    assert len(arms.jobs) == 46
+    assert len(arms.jobs) == 48
     for job in arms.jobs:
         default, config = defaults[(job.setting, job.method, job.seed)], dict(flat(job.config))
         changed = {key for key in config if config[key] != default.get(key)}

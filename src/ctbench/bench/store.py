@@ -12,7 +12,8 @@ Schema (``SCHEMA``; version in ``meta``):
 * ``meta(key, value)``: ``schema_version``.
 * ``suites(name, path, description, definition, updated_at)``: each suite run; ``definition``
   is the suite's YAML data as JSON.
-* ``suite_jobs(suite, job_key)``: which jobs belong to which suite (a job may be in several).
+* ``suite_jobs(suite, job_key)``: which jobs belong to which suite (a job may be in several); a
+  whole ``bench run`` of a suite sets its members, a narrowed one (``--only``, ``--seeds``) adds.
 * ``runs(config_hash, run_dir, setting, method, seed, dataset, architecture, train_eps,
   test_eps, config, package_version, git_commit, torch_version, device, threads, model_source,
   epochs_completed, trainer_test, attack_precision)``: one trained model per resolved config.
@@ -188,11 +189,15 @@ def _json(value: Any) -> str | None:
 
 
 def register_suite(connection: sqlite3.Connection, suite, jobs: list[Job], root: Path) -> None:
-    """Record the suite and its jobs; jobs not yet in the database start as "pending"."""
+    """Record the suite and its jobs; jobs not yet in the database start as "pending". For a
+    whole suite (``suite.whole``) these jobs become its members: jobs of an earlier version of
+    its file leave it (their rows stay in the database); a narrowed one adds its jobs."""
     with transaction(connection):
         connection.execute("INSERT OR REPLACE INTO suites VALUES (?, ?, ?, ?, ?)",
                            (suite.name, str(Path(suite.path).resolve()), suite.description,
                             _json(suite.definition), _now()))
+        if suite.whole:
+            connection.execute("DELETE FROM suite_jobs WHERE suite = ?", (suite.name,))
         for job in jobs:
             connection.execute("INSERT OR IGNORE INTO suite_jobs VALUES (?, ?)", (suite.name, job.job_key))
             if connection.execute("SELECT 1 FROM jobs WHERE job_key = ?", (job.job_key,)).fetchone() is None:

@@ -53,11 +53,15 @@ class SuiteError(ConfigError):
 
 @dataclass(frozen=True)
 class Suite:
+    """A suite and its jobs; ``whole`` when the jobs are exactly those its file defines (not
+    narrowed by ``--only`` or its seeds replaced by ``--seeds``)."""
+
     name: str
     path: Path
     description: str
     definition: dict[str, Any]
     jobs: tuple[Job, ...]
+    whole: bool = True
 
 
 def suite_names() -> list[str]:
@@ -96,7 +100,7 @@ def load_suite(name: str, seeds: list[int] | None = None) -> Suite:
     for number, group in enumerate(groups):
         jobs += _group_jobs(group, defaults, seeds, path, f"suite {suite_name}: groups[{number}]")
     _check_unique(jobs, suite_name)
-    return Suite(suite_name, path, str(data.get("description", "")), data, tuple(jobs))
+    return Suite(suite_name, path, str(data.get("description", "")), data, tuple(jobs), whole=seeds is None)
 
 
 def select_jobs(suite: Suite, patterns: list[str]) -> Suite:
@@ -112,7 +116,7 @@ def select_jobs(suite: Suite, patterns: list[str]) -> Suite:
                              f"{', '.join(names)} (patterns are SETTING/METHOD[/seedK], shell wildcards allowed)")
     jobs = tuple(job for job, name in zip(suite.jobs, names)
                  if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name, f"{p}/*") for p in patterns))
-    return dataclasses.replace(suite, jobs=jobs)
+    return dataclasses.replace(suite, jobs=jobs, whole=False)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -467,7 +467,8 @@ class Trainer:
         if average.state is not None:
             self.model.load_state_dict(average.state)
             self._recompute_population_statistics()
-            source = f"SWA of {average.count} snapshots over epochs {config.swa.start_epoch + 1}-{config.optim.epochs}"
+            snapshots = f"{average.count} snapshot" + ("" if average.count == 1 else "s")
+            source = f"SWA of {snapshots} over epochs {config.swa.start_epoch + 1}-{config.optim.epochs}"
         elif best["epoch"] is not None:
             state = self._on_main(lambda: load_checkpoint(self.run_dir / "best.pt")["model"])
             load_model_state(self.model, state, "best.pt")

@@ -32,8 +32,10 @@ def interrupt_in_epoch(epoch_to_stop):
     return progress
 
 
-def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, mnist):
-    config = small_config(extra=["attack.steps=2"])
+# SABR's random attack starts check that the resumed run draws what the straight one drew
+@pytest.mark.parametrize("preset", ["mnist-0.1/ibp", "mnist-0.1/sabr"])
+def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, mnist, preset):
+    config = small_config(preset, extra=["attack.steps=2", "evaluation.selection=last"])
     straight = Trainer(config, tmp_path / "straight", dataset=mnist).fit()
     with pytest.raises(Interrupt):
         Trainer(config, tmp_path / "killed", progress=interrupt_in_epoch(1), dataset=mnist).fit()

@@ -51,6 +51,24 @@ def test_resumed_run_ends_where_an_uninterrupted_run_does(tmp_path, mnist, prese
     assert "validation" in lines[0] and "train" in lines[0]
 
 
+def test_auto_attack_precision_trains_exactly_as_the_precision_it_resolves_to(tmp_path, mnist):
+    """"auto" is bfloat16 or float32 by this machine's hardware, nothing of its own: a SABR run
+    under it ends with the weights of the run that names the resolved precision, and its
+    environment.json records that precision (what the results database reads)."""
+    from ctbench.attacks.pgd import resolve_precision
+
+    resolved = resolve_precision("auto", "cpu")
+    finals = {}
+    for precision in ("auto", resolved):
+        config = small_config("mnist-0.1/sabr", extra=["attack.steps=2", "optim.epochs=2", "optim.lr_milestones=[1]",
+                                                       "evaluation.selection=last", f"attack.precision={precision}"])
+        Trainer(config, tmp_path / precision, dataset=mnist).fit()
+        finals[precision] = torch.load(tmp_path / precision / "final.pt", weights_only=False)["model"]
+        sessions = json.loads((tmp_path / precision / "environment.json").read_text())["sessions"]
+        assert [session["attack_precision"] for session in sessions] == [resolved]
+    assert all(torch.equal(finals["auto"][key], finals[resolved][key]) for key in finals[resolved])
+
+
 def test_without_a_validation_split_every_training_image_is_used_and_the_last_epoch_is_handed_on(tmp_path, mnist):
     config = small_config(extra=["data.validation_size=0", "optim.epochs=2", "attack.steps=2"])
     trainer = Trainer(config, tmp_path / "run", dataset=mnist)

@@ -1,5 +1,7 @@
 """The benchmark: suites, the runner (skip, resume, workers), the results database under
 concurrent writers, Table 1 / Table 8 against the literature, and the exports."""
+import csv
+import io
 import json
 import multiprocessing
 import shutil
@@ -17,7 +19,7 @@ from ctbench.bench.jobs import CERTIFY_RECORD, certify_record_path, train_record
 from ctbench.bench.reference import load_reference
 from ctbench.bench.store import TABLES, register_suite
 from ctbench.bench.suites import SuiteError, parse_seeds
-from ctbench.bench.tables import accuracy_table, time_table
+from ctbench.bench.tables import ab_table, accuracy_table, time_table
 from ctbench.certify import Verdict, append_verdicts, summarize
 from ctbench.certify.cascade import index_ranges
 from ctbench.certify.provenance import Provenance
@@ -649,6 +651,54 @@ def test_two_configs_of_one_method_are_two_rows_never_averaged(tmp_path):
     assert rows[0].method_name.startswith("IBP (mnist-0.1/ibp; ") and "regularization.l1=0" in rows[1].method_name
     assert all(row.cells["literature_natural"].mean == 98.84 for row in rows)
     assert len(time_table(connection, suite).rows) == 2
+
+
+def test_ab_table_pairs_each_arm_with_the_baseline_by_seed(tmp_path, capsys):
+    """Differences are taken seed by seed over the seeds done in both; an arm certified by
+    another cascade has no baseline; the arms suite's own default rows are not arms."""
+    baseline = load_suite(write_suite(tmp_path, """
+        seeds: [0, 1, 2]
+        certify: {stages: [ibp, attack], count: 200}
+        groups:
+          - presets: [mnist-0.1/ibp]
+    """, name="base"))
+    arms = load_suite(write_suite(tmp_path, """
+        seeds: [0, 1, 2]
+        certify: {stages: [ibp, attack], count: 200}
+        groups:
+          - presets: [mnist-0.1/ibp]
+          - presets: [mnist-0.1/ibp]
+            overrides: [regularization.l1=0]
+          - presets: [mnist-0.1/ibp]
+            overrides: [eps.train_eps=0.3]
+            certify: {stages: [ibp], count: 200}
+    """, name="arms"))
+    root, db = tmp_path / "bench", tmp_path / "db.sqlite"
+    connection = connect(db)
+    certified = {(False, 0): 0.970, (False, 1): 0.980, (False, 2): 0.990, (True, 0): 0.975, (True, 1): 0.990}
+    for suite in (baseline, arms):
+        register_suite(connection, suite, list(suite.jobs), root)
+    for job in baseline.jobs + tuple(j for j in arms.jobs if j.overrides == ("regularization.l1=0",)):
+        key = (bool(job.overrides), job.seed)
+        if key in certified:
+            fake_job_folder(job, root, 0.995, certified[key], 0.995)
+            ingest_job(connection, job, root)
+    table = ab_table(connection, arms, baseline)
+    assert [row.label for row in table.rows] == ["regularization.l1=0", "eps.train_eps=0.3"]
+    arm = table.rows[0].cells
+    assert arm["arm_seeds"].text == "2/3"
+    assert arm["baseline_certified"].mean == pytest.approx(97.5)  # seeds 0 and 1 only, not seed 2's 99.0
+    assert arm["delta_certified"].mean == pytest.approx(0.75) and arm["delta_certified"].n == 2
+    assert arm["delta_certified"].std == pytest.approx(statistics.stdev([0.5, 1.0]))
+    assert arm["delta_natural"].mean == pytest.approx(0.0)
+    assert arm["delta_per_seed"].text == "0: +0.50, 1: +1.00"
+    assert table.rows[1].cells["arm_seeds"].text == "0/3"
+    assert any("No baseline job" in note and "seed 2" in note for note in table.notes)
+    connection.close()
+    assert main(["bench", "ab", str(tmp_path / "arms.yaml"),
+                 "--baseline", str(tmp_path / "base.yaml"), "--db", str(db), "--format", "csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert float(row["delta_certified"]) == pytest.approx(0.75) and row["delta_per_seed"] == "0: +0.50, 1: +1.00"
 
 
 def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():

@@ -4,6 +4,7 @@
                       [--db PATH] [--threads T] [--executor local|slurm|submitit-local] [--slurm-... ]
     ctbench bench table SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
     ctbench bench times SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
+    ctbench bench ab ARMS_SUITE --baseline SUITE [--format md|latex|csv|html] [--seeds ...] [--db PATH]
     ctbench bench export [--csv DIR] [--json FILE] [--cards DIR] [--suite NAME] [--no-verdicts] [--db PATH]
     ctbench bench import FILE.json [--db PATH]
     ctbench bench report SUITE [--db PATH] [--out FILE.html] [--figures DIR] [--seeds ...]
@@ -29,7 +30,7 @@ DATABASE_FILE = "ctbench.sqlite"
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand (with run, table, times, report, export, suites) to a subparsers object."""
+    """Add the ``bench`` subcommand (with run, table, times, ab, report, export, import, suites) to a subparsers object."""
     parser = subparsers.add_parser("bench", help="benchmark suites: run, tables against the literature, export")
     commands = parser.add_subparsers(dest="bench_command", required=True)
 
@@ -54,6 +55,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         table.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, csv or html")
         table.add_argument("--out", help="write the table to this file instead of printing it")
         table.set_defaults(run=cmd_table, kind=name)
+
+    ab = commands.add_parser("ab", help="A/B: each config arm of a suite against a baseline suite's default job, "
+                             "paired by seed")
+    _add_suite_options(ab)
+    ab.add_argument("--baseline", required=True,
+                    help="suite whose jobs without overrides are the defaults, e.g. mnist-mini")
+    ab.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, csv or html")
+    ab.add_argument("--out", help="write the table to this file instead of printing it")
+    ab.set_defaults(run=cmd_table, kind="ab")
 
     report = commands.add_parser("report", help="one self-contained HTML page: tables, certification, training "
                                  "curves, analyses, sweeps")
@@ -242,12 +252,16 @@ def cmd_table(args) -> int:
     from ..io import atomic_write_text
     from .formats import render
     from .store import connect
-    from .tables import accuracy_table, time_table
+    from .suites import load_suite, parse_seeds
+    from .tables import ab_table, accuracy_table, time_table
 
     suite = _suite(args)
     connection = connect(_database(args), create=False)
     try:
-        table = (accuracy_table if args.kind == "table" else time_table)(connection, suite)
+        if args.kind == "ab":
+            table = ab_table(connection, suite, load_suite(args.baseline, parse_seeds(args.seeds) if args.seeds else None))
+        else:
+            table = (accuracy_table if args.kind == "table" else time_table)(connection, suite)
     finally:
         connection.close()
     text = render(table, args.format)

@@ -18,6 +18,7 @@ from .tables import Table
 
 FORMATS = ("md", "latex", "csv", "html")
 MISSING = "–"
+TEXT_METRICS = ("cite", "seeds", "per_seed")  # columns of text, never numbers
 
 
 def render(table: Table, form: str) -> str:
@@ -91,7 +92,7 @@ def latex(table: Table) -> str:
 def as_csv(table: Table) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    numeric = [column for column in table.columns if column.metric not in ("cite", "seeds")]
+    numeric = [column for column in table.columns if column.metric not in TEXT_METRICS]
     header = ["setting", "method"]
     for column in table.columns:
         header += [column.key, f"{column.key}_std"] if column in numeric else [column.key]

@@ -1,4 +1,5 @@
-"""Table 1 (accuracy) and Table 8 (time) of a suite, with the published figures beside ours.
+"""Table 1 (accuracy) and Table 8 (time) of a suite, with the published figures beside ours, and
+the A/B table of a suite of config arms against a baseline suite.
 
 Rows are (setting, method) in suite order; a suite with several configs of one method in one
 setting gets one labelled row per config, and only the seeds of one config share a row. "Ours"
@@ -8,6 +9,11 @@ of the suite's seeds that is. Each published
 source of ``reference.yaml`` gets its own columns, labelled with the source, and only where the
 table has a figure of it; its description and the records' notes become the table's notes.
 Later published methods that ctbench does not implement get rows of their own.
+
+A/B: each arm row (jobs with overrides) is paired seed by seed with the baseline suite's job of
+the same preset and seed without overrides, certified by the same cascade; only seeds done in both
+count, and the differences (arm minus baseline, in points) are averaged over those pairs, so the
+seed-to-seed spread that two unpaired means share drops out.
 
 Best (Table 1): per setting and column, the highest mean among the certified-training methods
 (standard training, PGD and EDAC are not compared, as in the paper), all ties marked; a column
@@ -35,7 +41,7 @@ TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
 SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "ibp_certified": "IBP-cert.",
          "train_seconds": "Train s",
          "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source",
-         "broken": "PGD-broken cert."}
+         "broken": "PGD-broken cert.", "per_seed": "Cert. per seed"}
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,7 @@ def _ours(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]]
     stored = _job_rows(connection, tuple(job for jobs in grouped.values() for job in jobs))
     ours, notes = {}, []
     for key, jobs in grouped.items():
-        finished = [stored[j.job_key] for j in jobs if j.job_key in stored and stored[j.job_key]["status"] == "done"
-                    and stored[j.job_key]["complete"]]
+        finished = [row for row in (_done(stored, job) for job in jobs) if row is not None]
         accuracies = [_accuracies(row, "ibp" in jobs[0].certify.stages) for row in finished]
         cells = {metric: summary_value([100 * found[metric] for found in accuracies if found[metric] is not None])
                  for metric in FIGURE_METRICS}
@@ -360,3 +365,48 @@ def _our_times(connection: sqlite3.Connection, jobs: list[Job]) -> dict[str, Val
             "ours_certify_seconds": summary_value([seconds[(j.job_key, "certify")] for j in done]),
             "ours_seconds_per_epoch": summary_value([row["mean"] for row in epochs if row["mean"] is not None]),
             "ours_seeds": Value(text=f"{len(done)}/{len(jobs)}")}
+
+
+def ab_table(connection: sqlite3.Connection, arms: Suite, baseline: Suite) -> Table:
+    """Each arm of ``arms`` against ``baseline``'s default job of its preset, paired by seed."""
+    defaults = {(job.source, job.seed, job.certify_key): job
+                for job in baseline.jobs if not job.overrides}
+    grouped = {key: jobs for key, jobs in _by_row(arms.jobs).items() if jobs[0].overrides}
+    pairs = {key: [(job, defaults.get((job.source, job.seed, job.certify_key))) for job in jobs]
+             for key, jobs in grouped.items()}
+    stored = _job_rows(connection, tuple(job for twins in pairs.values() for pair in twins for job in pair if job))
+    rows = [Row(setting, method, variant, label="; ".join(grouped[(setting, method, variant)][0].overrides))
+            for setting, method, variant in grouped]
+    for row in rows:
+        done = [(_done(stored, arm), _done(stored, base), arm.seed) for arm, base in pairs[row.key] if base]
+        done = [(arm, base, seed) for arm, base, seed in done if arm and base]
+        ibp = "ibp" in grouped[row.key][0].certify.stages
+        arm_values = [_accuracies(arm, ibp) for arm, _, _ in done]
+        base_values = [_accuracies(base, ibp) for _, base, _ in done]
+        for metric in FIGURE_METRICS:
+            found = [(a[metric], b[metric]) for a, b in zip(arm_values, base_values)
+                     if a[metric] is not None and b[metric] is not None]
+            row.cells[f"baseline_{metric}"] = summary_value([100 * b for _, b in found])
+            row.cells[f"arm_{metric}"] = summary_value([100 * a for a, _ in found])
+            row.cells[f"delta_{metric}"] = summary_value([100 * (a - b) for a, b in found])
+        row.cells["delta_per_seed"] = Value(text=", ".join(
+            f"{seed}: {100 * (a['certified'] - b['certified']):+.2f}"
+            for (_, _, seed), a, b in zip(done, arm_values, base_values)) or None)
+        row.cells["arm_seeds"] = Value(text=f"{len(done)}/{len(pairs[row.key])}")
+    columns = [Column("arm_seeds", "Arm", "seeds")]
+    for metric in ("natural", "certified"):
+        columns += [Column(f"baseline_{metric}", "Baseline", metric), Column(f"arm_{metric}", "Arm", metric),
+                    Column(f"delta_{metric}", "Δ", metric)]
+    columns += [Column(f"delta_{metric}", "Δ", metric) for metric in ("adversarial", "ibp_certified")]
+    columns.append(Column("delta_per_seed", "Δ", "per_seed"))
+    unpaired = [job.label for jobs in pairs.values() for job, base in jobs if base is None]
+    notes = [f"Baseline: the jobs without overrides of suite {baseline.name}; Δ = arm minus baseline in points, "
+             f"mean ± sample std over the seeds done in both (Seeds: pairs of the arm's seeds); per seed: seed: Δ certified."]
+    if unpaired:
+        notes.append("No baseline job (same preset, seed and cascade) for: " + ", ".join(unpaired) + ".")
+    return Table(f"A/B, suite {arms.name} against {baseline.name}: accuracy [%]", "%", columns, rows, notes=notes)
+
+
+def _done(stored: dict[str, sqlite3.Row], job: Job) -> sqlite3.Row | None:
+    row = stored.get(job.job_key)
+    return row if row is not None and row["status"] == "done" and row["complete"] else None

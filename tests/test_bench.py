@@ -654,7 +654,8 @@ def test_two_configs_of_one_method_are_two_rows_never_averaged(tmp_path):
 
 
 def test_ab_table_pairs_each_arm_with_the_baseline_by_seed(tmp_path, capsys):
-    """Differences are taken seed by seed over the seeds done in both; an arm certified by
+    """Differences are taken seed by seed over the seeds done in both, against the nearest
+    baseline (the arm whose overrides the arm extends, else the default); an arm certified by
     another cascade has no baseline; the arms suite's own default rows are not arms."""
     baseline = load_suite(write_suite(tmp_path, """
         seeds: [0, 1, 2]
@@ -672,19 +673,24 @@ def test_ab_table_pairs_each_arm_with_the_baseline_by_seed(tmp_path, capsys):
           - presets: [mnist-0.1/ibp]
             overrides: [eps.train_eps=0.3]
             certify: {stages: [ibp], count: 200}
+          - presets: [mnist-0.1/ibp]
+            seeds: [0]
+            overrides: [regularization.l1=0, eps.train_eps=0.15]
     """, name="arms"))
     root, db = tmp_path / "bench", tmp_path / "db.sqlite"
     connection = connect(db)
-    certified = {(False, 0): 0.970, (False, 1): 0.980, (False, 2): 0.990, (True, 0): 0.975, (True, 1): 0.990}
+    certified = {((), 0): 0.970, ((), 1): 0.980, ((), 2): 0.990, (("regularization.l1=0",), 0): 0.975,
+                 (("regularization.l1=0",), 1): 0.990, (("regularization.l1=0", "eps.train_eps=0.15"), 0): 0.985}
     for suite in (baseline, arms):
         register_suite(connection, suite, list(suite.jobs), root)
-    for job in baseline.jobs + tuple(j for j in arms.jobs if j.overrides == ("regularization.l1=0",)):
-        key = (bool(job.overrides), job.seed)
-        if key in certified:
+    for job in baseline.jobs + arms.jobs:
+        key = (job.overrides, job.seed)
+        if key in certified and (job in baseline.jobs or job.overrides):
             fake_job_folder(job, root, 0.995, certified[key], 0.995)
             ingest_job(connection, job, root)
     table = ab_table(connection, arms, baseline)
-    assert [row.label for row in table.rows] == ["regularization.l1=0", "eps.train_eps=0.3"]
+    assert [row.label for row in table.rows] == ["regularization.l1=0", "eps.train_eps=0.3",
+                                                 "regularization.l1=0; eps.train_eps=0.15"]
     arm = table.rows[0].cells
     assert arm["arm_seeds"].text == "2/3"
     assert arm["baseline_certified"].mean == pytest.approx(97.5)  # seeds 0 and 1 only, not seed 2's 99.0
@@ -693,6 +699,9 @@ def test_ab_table_pairs_each_arm_with_the_baseline_by_seed(tmp_path, capsys):
     assert arm["delta_natural"].mean == pytest.approx(0.0)
     assert arm["delta_per_seed"].text == "0: +0.50, 1: +1.00"
     assert table.rows[1].cells["arm_seeds"].text == "0/3"
+    both = table.rows[2].cells  # paired with the arm it extends, so Δ is the train eps alone
+    assert both["baseline_against"].text == "regularization.l1=0" and arm["baseline_against"].text == "default"
+    assert both["delta_certified"].mean == pytest.approx(1.0) and both["delta_per_seed"].text == "0: +1.00"
     assert any("No baseline job" in note and "seed 2" in note for note in table.notes)
     connection.close()
     assert main(["bench", "ab", str(tmp_path / "arms.yaml"),
@@ -715,7 +724,7 @@ def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():
 
     defaults = {(job.setting, job.method, job.seed): dict(flat(job.config)) for job in load_suite("mnist-mini").jobs}
     arms = load_suite(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "mnist-mini-arms.yaml"))
-    assert len(arms.jobs) == 52
+    assert len(arms.jobs) == 57
     for job in arms.jobs:
         default, config = defaults[(job.setting, job.method, job.seed)], dict(flat(job.config))
         changed = {key for key in config if config[key] != default.get(key)}

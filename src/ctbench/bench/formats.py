@@ -18,7 +18,7 @@ from .tables import Table
 
 FORMATS = ("md", "latex", "csv", "html")
 MISSING = "–"
-TEXT_METRICS = ("cite", "seeds", "per_seed")  # columns of text, never numbers
+TEXT_METRICS = ("cite", "seeds", "per_seed", "against")  # columns of text, never numbers
 
 
 def render(table: Table, form: str) -> str:

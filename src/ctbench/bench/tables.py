@@ -10,8 +10,9 @@ source of ``reference.yaml`` gets its own columns, labelled with the source, and
 table has a figure of it; its description and the records' notes become the table's notes.
 Later published methods that ctbench does not implement get rows of their own.
 
-A/B: each arm row (jobs with overrides) is paired seed by seed with the baseline suite's job of
-the same preset and seed without overrides, certified by the same cascade; only seeds done in both
+A/B: each arm row (jobs with overrides) is paired seed by seed with its nearest baseline: the job
+of the same preset, seed and cascade whose overrides are the largest proper subset of the arm's
+(the baseline suite's job without overrides when no other arm fits); only seeds done in both
 count, and the differences (arm minus baseline, in points) are averaged over those pairs, so the
 seed-to-seed spread that two unpaired means share drops out.
 
@@ -21,6 +22,7 @@ with a single compared figure in a setting marks nothing.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections import Counter
@@ -41,7 +43,7 @@ TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
 SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "ibp_certified": "IBP-cert.",
          "train_seconds": "Train s",
          "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source",
-         "broken": "PGD-broken cert.", "per_seed": "Cert. per seed"}
+         "broken": "PGD-broken cert.", "per_seed": "Cert. per seed", "against": "against"}
 
 
 @dataclass(frozen=True)
@@ -368,12 +370,11 @@ def _our_times(connection: sqlite3.Connection, jobs: list[Job]) -> dict[str, Val
 
 
 def ab_table(connection: sqlite3.Connection, arms: Suite, baseline: Suite) -> Table:
-    """Each arm of ``arms`` against ``baseline``'s default job of its preset, paired by seed."""
-    defaults = {(job.source, job.seed, job.certify_key): job
-                for job in baseline.jobs if not job.overrides}
+    """Each arm of ``arms`` against its nearest baseline, paired by seed."""
+    pool = {(job.source, job.seed, job.certify_key, frozenset(job.overrides)): job
+            for job in (*(job for job in baseline.jobs if not job.overrides), *arms.jobs)}
     grouped = {key: jobs for key, jobs in _by_row(arms.jobs).items() if jobs[0].overrides}
-    pairs = {key: [(job, defaults.get((job.source, job.seed, job.certify_key))) for job in jobs]
-             for key, jobs in grouped.items()}
+    pairs = {key: [(job, _nearest_baseline(job, pool)) for job in jobs] for key, jobs in grouped.items()}
     stored = _job_rows(connection, tuple(job for twins in pairs.values() for pair in twins for job in pair if job))
     rows = [Row(setting, method, variant, label="; ".join(grouped[(setting, method, variant)][0].overrides))
             for setting, method, variant in grouped]
@@ -393,18 +394,33 @@ def ab_table(connection: sqlite3.Connection, arms: Suite, baseline: Suite) -> Ta
             f"{seed}: {100 * (a['certified'] - b['certified']):+.2f}"
             for (_, _, seed), a, b in zip(done, arm_values, base_values)) or None)
         row.cells["arm_seeds"] = Value(text=f"{len(done)}/{len(pairs[row.key])}")
-    columns = [Column("arm_seeds", "Arm", "seeds")]
+        against = {"; ".join(base.overrides) or "default" for _, base in pairs[row.key] if base}
+        row.cells["baseline_against"] = Value(text=" / ".join(sorted(against)) or None)
+    columns = [Column("baseline_against", "Baseline", "against"), Column("arm_seeds", "Arm", "seeds")]
     for metric in ("natural", "certified"):
         columns += [Column(f"baseline_{metric}", "Baseline", metric), Column(f"arm_{metric}", "Arm", metric),
                     Column(f"delta_{metric}", "Δ", metric)]
     columns += [Column(f"delta_{metric}", "Δ", metric) for metric in ("adversarial", "ibp_certified")]
     columns.append(Column("delta_per_seed", "Δ", "per_seed"))
     unpaired = [job.label for jobs in pairs.values() for job, base in jobs if base is None]
-    notes = [f"Baseline: the jobs without overrides of suite {baseline.name}; Δ = arm minus baseline in points, "
+    notes = [f"Baseline: the job of the same preset, seed and cascade whose overrides are the largest part of the "
+             f"arm's that has a job (Against; default: suite {baseline.name}'s job without overrides), so Δ measures "
+             f"the arm's remaining keys; Δ = arm minus baseline in points, "
              f"mean ± sample std over the seeds done in both (Seeds: pairs of the arm's seeds); per seed: seed: Δ certified."]
     if unpaired:
         notes.append("No baseline job (same preset, seed and cascade) for: " + ", ".join(unpaired) + ".")
     return Table(f"A/B, suite {arms.name} against {baseline.name}: accuracy [%]", "%", columns, rows, notes=notes)
+
+
+def _nearest_baseline(job: Job, pool: dict[tuple, Job]) -> Job | None:
+    """The job of ``pool`` with the same preset, seed and cascade whose overrides are the largest
+    proper subset of ``job``'s (the default job, with none, last); None if there is none."""
+    for size in range(len(job.overrides) - 1, -1, -1):
+        for subset in itertools.combinations(job.overrides, size):
+            found = pool.get((job.source, job.seed, job.certify_key, frozenset(subset)))
+            if found is not None:
+                return found
+    return None
 
 
 def _done(stored: dict[str, sqlite3.Row], job: Job) -> sqlite3.Row | None:

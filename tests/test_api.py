@@ -114,7 +114,8 @@ def test_train_names_what_is_wrong_with_the_network_the_data_or_the_overrides(tm
     with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
         train(model=mlp(), data=(images, labels), overrides={"optim.learning_rate": 1})
     with pytest.raises(ConfigError, match="data.validation_size=5000 must be in"):
-        train(model=mlp(), data=(images, labels), overrides={"optim.epochs": 1, "eps.ramp_end_epoch": 1})
+        train(model=mlp(), data=(images, labels),
+              overrides={"optim.epochs": 1, "eps.ramp_end_epoch": 1, "data.validation_size": 5000})
     with pytest.raises(ConfigError, match="give out=FOLDER"):
         ctbench.train({"data": {"dataset": "mnist"}}, overrides=QUICK)
     assert not (tmp_path / "run").exists()

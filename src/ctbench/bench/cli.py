@@ -56,8 +56,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         table.add_argument("--out", help="write the table to this file instead of printing it")
         table.set_defaults(run=cmd_table, kind=name)
 
-    ab = commands.add_parser("ab", help="A/B: each config arm of a suite against a baseline suite's default job, "
-                             "paired by seed")
+    ab = commands.add_parser("ab", help="A/B: each config arm of a suite against its nearest baseline (the arm it "
+                             "extends, else the baseline suite's default job), paired by seed")
     _add_suite_options(ab)
     ab.add_argument("--baseline", required=True,
                     help="suite whose jobs without overrides are the defaults, e.g. mnist-mini")

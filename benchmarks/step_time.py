@@ -7,8 +7,9 @@ restarts included), eps at its full training value unless the row says warm-up. 
 are against their mean.
 
 A row ``METHOD:floor`` times only the passes the method's attacks cannot avoid, in the row's
-attack precision: the forward pass and input gradient (plain autograd, no projection or
-bookkeeping) of the network on the batch, attack steps x restarts times (SABR, PGD, EDAC,
+attack precision (as the attacks run: autocast on the input, iterates and ops cast on the
+latent points): the forward pass and input gradient (plain autograd on the ops as the
+attacks rewrite them, ``attacks.input_ops``; no projection or bookkeeping) of the network on the batch, attack steps x restarts times (SABR, PGD, EDAC,
 MTL-IBP, STAPS: the input attack), and of the head on the batch's K-1 latent points per sample,
 latent steps x restarts times (TAPS, STAPS).
 The method's step cannot be faster than that plus its bound pass (the IBP row).
@@ -110,9 +111,11 @@ def attack_passes(model, method, config, images, labels, classes):
     import torch
     import torch.nn.functional as F
 
+    from ctbench.attacks.input_ops import flatten_in_memory_order, input_attack_ops, phase_space_conv
+    from ctbench.attacks.margin_pgd import op_in_dtype
     from ctbench.attacks.pgd import resolve_precision
     from ctbench.bounds import interval_bounds
-    from ctbench.bounds.box import Box
+    from ctbench.bounds.box import Box, box_memory_format
     from ctbench.methods.taps import split_index
     from ctbench.models.ops import clean_forward, lower_network, run_ops
 
@@ -128,7 +131,7 @@ def attack_passes(model, method, config, images, labels, classes):
     autocast = (torch.autocast(images.device.type, dtype=getattr(torch, precision)) if precision != "float32"
                 else contextlib.nullcontext())  # the precision the method's attacks run in
 
-    def passes(function, points, count):
+    def passes(function, points, count, autocast=autocast):
         for _ in range(count):
             points.requires_grad_(True)
             with autocast:
@@ -138,7 +141,8 @@ def attack_passes(model, method, config, images, labels, classes):
 
     def step():
         if name in INPUT_ATTACK_METHODS:
-            passes(lambda x: F.cross_entropy(run_ops(ops, x), labels, reduction="none"), images.clone(),
+            input_ops = input_attack_ops(ops, images[:2])
+            passes(lambda x: F.cross_entropy(run_ops(input_ops, x), labels, reduction="none"), images.clone(),
                    attack.steps * attack.restarts)
         if name in LATENT_ATTACK_METHODS:
             split = split_index(ops, method.options.classifier_size)
@@ -146,10 +150,19 @@ def attack_passes(model, method, config, images, labels, classes):
             with torch.no_grad():
                 latent = interval_bounds(ops[:split], Box((images - eps).clamp(0, 1), (images + eps).clamp(0, 1)))[-1]
                 points = latent.lower.repeat_interleave(classes - 1, dim=0)
+            head = tuple(ops[split:])
+            phase_conv = phase_space_conv(head[0], points.shape) if points.device.type == "cpu" else None
+            if phase_conv is not None:  # as margin_pgd runs it: on the phases of the points
+                points = F.pixel_unshuffle(points, head[0].stride[0]).contiguous(memory_format=box_memory_format(points))
+                head = (phase_conv, *head[1:])
+            if precision != "float32":  # as margin_pgd runs it: iterates and ops in the attack precision
+                dtype = getattr(torch, precision)
+                points, head = points.to(dtype), tuple(op_in_dtype(op, dtype) for op in head)
+            head = flatten_in_memory_order(head, points[:2])
             # which class each row's margin follows does not change the cost
             targets = torch.arange(classes, device=points.device).repeat(labels.shape[0])[:points.shape[0]]
-            passes(lambda z: run_ops(ops[split:], z).gather(1, targets[:, None]), points,
-                   attack.steps * attack.restarts)
+            passes(lambda z: run_ops(head, z).gather(1, targets[:, None]), points,
+                   attack.steps * attack.restarts, contextlib.nullcontext())
     return step
 
 

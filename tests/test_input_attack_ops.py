@@ -5,8 +5,7 @@ convolutions on few channels run over the input's phases."""
 import pytest
 import torch
 
-from ctbench.attacks.input_ops import PhaseConvOp, as_phase_conv, input_attack_ops
-from ctbench.attacks.margin_pgd import ChannelsLastFlattenOp
+from ctbench.attacks.input_ops import ChannelsLastFlattenOp, PhaseConvOp, as_phase_conv, input_attack_ops
 from ctbench.methods import StepInputs
 from ctbench.models import InputSpec, build_model, initialize
 from ctbench.models.ops import ConvOp, clean_forward, lower_network, run_ops

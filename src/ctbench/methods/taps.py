@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attacks.margin_pgd import flatten_in_memory_order, margin_pgd
+from ..attacks.input_ops import flatten_in_memory_order
+from ..attacks.margin_pgd import margin_pgd
 from ..bounds import Box, ibp_margin_lower, interval_bounds, worst_case_logits
 from ..models.ops import FlattenOp, Network, ReluOp, is_dag, run_ops
 from .base import METHODS, Method, RobustLoss, StepInputs

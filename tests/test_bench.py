@@ -540,6 +540,9 @@ def test_shipped_suites_resolve_to_the_planned_jobs():
     assert seeds[("mnist-mini-0.1", "sabr")] == seeds[("mnist-mini-0.1", "crown_ibp")] == [0, 1, 2]
     assert seeds[("mnist-mini-0.1", "taps")] == seeds[("mnist-mini-0.3", "mtl_ibp")] == [0]
     assert len(load_suite("smoke", seeds=[3, 4]).jobs) == 4
+    # the paper attacks adversarially trained models with AutoAttack: APGD-CE and APGD-T after PGD
+    for job in paper.jobs + mini.jobs:
+        assert job.certify.apgd == (job.method in ("standard", "pgd", "edac")), (job.setting, job.method)
 
 
 def test_job_key_changes_with_the_config_the_certification_and_the_version(tmp_path, monkeypatch):
@@ -619,6 +622,14 @@ def test_apgd_in_the_attack_stage_is_a_certification_of_its_own(tmp_path):
     assert "APGD-CE and APGD-T" in on.certify.attack_description
     with pytest.raises(SuiteError, match="apgd must be true or false"):
         job("{apgd: 1}")
+    mixed = load_suite(write_suite(tmp_path, """
+        certify: {timeout: 10}
+        groups:
+          - {presets: [demo/ibp]}
+          - {presets: [demo/ibp], overrides: [method.name=pgd], certify: {apgd: true}}
+    """))
+    note = next(n for n in accuracy_table(connect(tmp_path / "db.sqlite"), mixed).notes if n.startswith("Ours, Adv."))
+    assert "PGD 50x5 (margin loss) for IBP;" in note and "APGD-T (100 iterations, 9 targets) for PGD;" in note
 
 
 def test_a_user_suite_runs_its_own_yaml_configs(tmp_path):

@@ -306,13 +306,22 @@ def accuracy_table(connection: sqlite3.Connection, suite: Suite) -> Table:
 
 
 def _attack_note(jobs: tuple[Job, ...]) -> str:
-    """Which attack gives our adversarial accuracy."""
-    attacks = sorted({job.certify.attack_description
-                      for job in jobs if "attack" in job.certify.stages})
-    if not attacks:
+    """Which attack gives our adversarial accuracy (per method where the suite's jobs differ)."""
+    methods_by_attack: dict[str, list[str]] = {}
+    for job in jobs:
+        if "attack" in job.certify.stages:
+            names = methods_by_attack.setdefault(job.certify.attack_description, [])
+            name = METHOD_NAMES.get(job.method, job.method)
+            if name not in names:
+                names.append(name)
+    if not methods_by_attack:
         return "Ours, Adv.: no attack stage in the suite's cascade; only its complete verifier falsifies."
+    if len(methods_by_attack) == 1:
+        attacks = next(iter(methods_by_attack))
+    else:
+        attacks = "; ".join(f"{attack} for {', '.join(names)}" for attack, names in sorted(methods_by_attack.items()))
     return ("Ours, Adv.: samples without a counterexample from the certification cascade, whose attack stage is "
-            + ", ".join(attacks) + "; certified samples are not attacked.")
+            + attacks + "; certified samples are not attacked.")
 
 
 def _precision_notes(connection: sqlite3.Connection, grouped: dict[RowKey, list[Job]], rows: list[Row]) -> list[str]:

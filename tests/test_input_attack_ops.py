@@ -2,10 +2,14 @@
 lowered network, with its Flatten of channels-last activations a view and its strided
 convolutions on few channels run over the input's phases."""
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ctbench.attacks.input_ops import ChannelsLastFlattenOp, PhaseConvOp, as_phase_conv, input_attack_ops
+from ctbench.attacks.input_ops import (ChannelsLastFlattenOp, PhaseConvOp, as_phase_conv, input_attack_ops,
+                                       phase_space_conv)
 from ctbench.methods import StepInputs
 from ctbench.models import InputSpec, build_model, initialize
 from ctbench.models.ops import ConvOp, clean_forward, lower_network, run_ops
@@ -36,6 +40,31 @@ def test_phase_convolution_equals_the_strided_convolution(channels, size, kernel
     assert value.shape == expected.shape
     assert torch.allclose(value, expected, rtol=0, atol=1e-12)
     assert torch.allclose(gradient, expected_gradient, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels, size, kernel, stride, padding", [
+    (16, 14, 4, 2, 1),  # CNN3's TAPS head on MNIST
+    (2, 12, 4, 2, 1), (1, 12, 3, 2, 1), (3, 9, 3, 3, 0), (1, 12, 6, 3, 2), (2, 8, 2, 2, 0), (1, 12, 3, 3, 1)])
+def test_phase_space_convolution_on_the_phases_equals_the_strided_convolution(channels, size, kernel, stride, padding):
+    """What TAPS's latent attack runs: the convolution of the phases themselves, a plain stride-1
+    ConvOp, where the phases need the same padding on both sides; None where they do not."""
+    generator = torch.Generator().manual_seed(size * kernel + stride)
+    op = ConvOp(torch.randn(5, channels, kernel, kernel, generator=generator, dtype=torch.float64),
+                torch.randn(5, generator=generator, dtype=torch.float64), (stride, stride), (padding, padding))
+    x = torch.randn(3, channels, size, size, generator=generator, dtype=torch.float64)
+    phase_op = phase_space_conv(op, x.shape)
+    left, right, top, bottom = as_phase_conv(op, x.shape).padding
+    if (left, top) != (right, bottom):
+        assert phase_op is None
+        return
+    assert isinstance(phase_op, ConvOp) and phase_op.stride == (1, 1)
+    phases = F.pixel_unshuffle(x, stride)
+    seed = torch.randn(op(x).shape, generator=generator, dtype=torch.float64)
+    expected, expected_gradient = _values_and_input_gradients(op, x, seed)
+    value, gradient = _values_and_input_gradients(phase_op, phases, seed)
+    assert torch.allclose(value, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(F.pixel_shuffle(gradient, stride), expected_gradient, rtol=0, atol=1e-12)
+    assert phase_space_conv(dataclasses.replace(op, stride=(1, 1)), x.shape) is None  # stride 1: nothing to rearrange
 
 
 @pytest.mark.parametrize("size, kernel, stride, padding, strides", [

@@ -19,7 +19,7 @@ from ctbench.bench.jobs import CERTIFY_RECORD, certify_record_path, train_record
 from ctbench.bench.reference import load_reference
 from ctbench.bench.store import TABLES, register_suite
 from ctbench.bench.suites import SuiteError, parse_seeds
-from ctbench.bench.tables import ab_table, accuracy_table, time_table
+from ctbench.bench.tables import FIGURE_SOURCES, TIME_SOURCES, ab_table, accuracy_table, time_table
 from ctbench.certify import Verdict, append_verdicts, summarize
 from ctbench.certify.cascade import index_ranges
 from ctbench.certify.provenance import Provenance
@@ -461,6 +461,10 @@ def test_reference_data_carries_its_sources():
     assert records[("tinyimagenet-1_255", "mtl_ibp", "literature")].cite == "De Palma et al. (2024)"
     assert records[("mnist-mini-0.3", "ibp", "reference_implementation_seeds")].values["natural"].n == 3
     assert {r.source for r in reference.figures} <= set(reference.sources)
+    times = {(r.setting, r.method, r.source): r for r in reference.times}
+    assert times[("mnist-mini-0.1", "sabr", "ctbench_before_speed_work")].values["seconds_per_epoch"].mean == 412.1
+    assert {r.source for r in reference.figures} <= set(FIGURE_SOURCES)  # no source left out of the tables
+    assert {r.source for r in reference.times} <= set(TIME_SOURCES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ METHOD_NAMES = {"standard": "Standard", "pgd": "PGD", "edac": "EDAC", "ibp": "IB
                 "sabr": "SABR", "taps": "TAPS", "staps": "STAPS", "mtl_ibp": "MTL-IBP"}
 FIGURE_SOURCES = ("literature", "ctbench_paper", "ctbench_paper_seeds", "later_literature", "reference_implementation",
                   "reference_implementation_seeds")
-TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times")
+TIME_SOURCES = ("ctbench_paper_times", "reference_implementation_times", "ctbench_before_speed_work")
 SHORT = {"natural": "Nat.", "certified": "Cert.", "adversarial": "Adv.", "ibp_certified": "IBP-cert.",
          "train_seconds": "Train s",
          "certify_seconds": "Certify s", "seconds_per_epoch": "s/epoch", "cite": "source",

@@ -8,14 +8,16 @@ import shutil
 import sqlite3
 import statistics
 import textwrap
+import time
 
 import pytest
 
 from ctbench.bench import connect, ingest_job, load_suite, run_suite
 from ctbench.bench import jobs as jobs_module
+from ctbench.bench import phases as phases_module
 from ctbench.bench.export import export_cards, export_csv, export_json
 from ctbench.bench.formats import render
-from ctbench.bench.jobs import CERTIFY_RECORD, certify_record_path, train_record_path
+from ctbench.bench.jobs import CERTIFY_RECORD, certify_record_path, read_record, train_record_path
 from ctbench.bench.reference import load_reference
 from ctbench.bench.store import TABLES, register_suite
 from ctbench.bench.suites import SuiteError, parse_seeds
@@ -128,6 +130,25 @@ def test_the_soundness_analysis_attacks_the_certified_samples_and_fills_its_colu
     table = accuracy_table(connection, audited)
     assert "Ours PGD-broken cert." in [column.header for column in table.columns]
     assert table.rows[[row.method for row in table.rows].index("ibp")].cells["ours_broken"].text == f"0 of {certified}"
+
+
+def test_a_running_phase_keeps_its_seconds_on_disk_so_a_killed_attempt_still_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(phases_module, "HEARTBEAT_SECONDS", 0.02)
+    path = tmp_path / "bench-train.json"
+    on_disk = []
+
+    def work():
+        time.sleep(0.3)
+        on_disk.append(read_record(path))  # what a kill -9 at this moment would leave
+        return {"trained": True}
+
+    record = phases_module.run_phase(path, work)
+    running = on_disk[0]
+    assert running["status"] == "running" and 0.15 < running["seconds"] <= record["seconds"]
+    time.sleep(0.1)
+    assert read_record(path)["status"] == "done"  # no beat lands after the final record
+    atomic_write_json(path, running)  # the next attempt after a kill adds its seconds to the killed one's
+    assert phases_module.run_phase(path, lambda: None)["seconds"] >= running["seconds"]
 
 
 def test_an_interrupted_audit_continues_where_it_stopped_with_the_same_result(tmp_path, monkeypatch):

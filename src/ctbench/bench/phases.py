@@ -5,7 +5,9 @@ cascade's verdicts, and one phase record per phase (``bench-train.json``,
 ``certify-*/bench-certify.json``, ``analyses/<name>.json``), written atomically. A record holds
 ``status`` ("running", "done", "error" with ``error`` and ``traceback``, or "interrupted"),
 ``seconds`` (wall time summed over every attempt), ``finished`` (UTC time) and the
-``environment`` it ran in (torch version, device, threads, ctbench version, git commit).
+``environment`` it ran in (torch version, device, threads, ctbench version, git commit). While a
+phase runs, its record's seconds are rewritten every ``HEARTBEAT_SECONDS``, so an attempt that is
+killed (kill -9, the end of a session) still counts, less at most that interval.
 
 A phase that is done is skipped; one that is not resumes: training from ``checkpoint.pt``,
 certification from its verdicts file. A phase that raises is recorded as an error and the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -62,6 +65,9 @@ def run_job(job: Job, root: Path, report: Report) -> None:
             return
 
 
+HEARTBEAT_SECONDS = 30.0
+
+
 def run_phase(path: Path, work: Callable[[], dict | None], spec: dict | None = None) -> dict[str, Any]:
     """Run ``work`` and keep its record at ``path``: seconds add up over attempts; an exception
     becomes status "error" (KeyboardInterrupt: "interrupted", then re-raised)."""
@@ -70,15 +76,31 @@ def run_phase(path: Path, work: Callable[[], dict | None], spec: dict | None = N
     record: dict[str, Any] = {"status": "running", "seconds": spent, "spec": spec, "environment": environment()}
     atomic_write_json(path, record)
     started = time.perf_counter()
+    stop = threading.Event()
+    heartbeat = threading.Thread(target=_beat, args=(path, dict(record), started, stop), daemon=True)
+    heartbeat.start()
     try:
         record["result"] = work()
         record["status"] = "done"
     except Exception as error:  # a phase's failure is a result to record, not a crash of the benchmark
         record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
     except BaseException:
+        _stop(heartbeat, stop)
         _finish(path, record, started, "interrupted")
         raise
+    _stop(heartbeat, stop)
     return _finish(path, record, started, record["status"])
+
+
+def _beat(path: Path, running: dict, started: float, stop: threading.Event) -> None:
+    """Rewrite the running record with the seconds spent so far, until ``stop``."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        atomic_write_json(path, {**running, "seconds": running["seconds"] + time.perf_counter() - started})
+
+
+def _stop(heartbeat: threading.Thread, stop: threading.Event) -> None:
+    stop.set()
+    heartbeat.join()  # no beat may land after the final record
 
 
 def _finish(path: Path, record: dict, started: float, status: str) -> dict:

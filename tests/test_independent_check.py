@@ -1,0 +1,58 @@
+"""benchmarks/independent_check.py, the second opinion on certified accuracy, agrees sample by
+sample with ctbench's IBP on random CNN3-BN networks, and reads the IDX files as ctbench does."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctbench.bounds import ibp_margin_lower, is_certified, linf_box
+from ctbench.models import build_model
+from ctbench.models.cnn import InputSpec
+from ctbench.models.ops import lower_network
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "independent_check.py"
+spec = importlib.util.spec_from_file_location("independent_check", SCRIPT)
+independent = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(independent)
+
+
+def _random_cnn3(seed: int, mean: float, std: float) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("cnn3", InputSpec(1, 28, 10, (mean,), (std,)))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # statistics and affine parameters away from identity
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(-1.5, 1.5)  # negative scales too
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed,mean,std,eps", [(0, 0.1307, 0.3081, 3e-4), (1, 0.0, 1.0, 5e-3), (2, 0.0, 1.0, 0.0)])
+def test_independent_ibp_agrees_with_ctbench_per_sample(tmp_path, seed, mean, std, eps):
+    model = _random_cnn3(seed, mean, std)
+    torch.save({"model": model.state_dict()}, tmp_path / "final.pt")
+    images = np.random.default_rng(seed).integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+    x = torch.from_numpy(images).double().unsqueeze(1) / 255
+    with torch.no_grad():
+        labels = model.double()(x).argmax(1)  # correct by construction, so certification decides
+        margins, _ = ibp_margin_lower(lower_network(model), linf_box(x, eps), labels)
+    expected = is_certified(margins, labels)
+    if eps > 0:
+        assert 0 < expected.sum() < len(labels)  # eps chosen so that the comparison is not vacuous
+    result = independent.check(tmp_path, eps, images, labels.numpy())
+    assert result["natural"] == 100.0
+    assert result["ibp_certified"] == pytest.approx(expected.double().mean().item() * 100)
+    if eps == 0.0:
+        assert result["ibp_certified"] == 100.0  # a point box certifies every correct sample
+
+
+def test_independent_idx_reader_reads_what_ctbench_reads(mnist):
+    folder = SCRIPT.parent.parent / "src" / "ctbench" / "data" / "bundled" / "mnist"
+    images = independent.read_idx(folder / "t10k-images-idx3-ubyte.gz")
+    labels = independent.read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert torch.equal(torch.from_numpy(images.copy()).reshape(mnist.test.images.shape), mnist.test.images)
+    assert torch.equal(torch.from_numpy(labels.astype(np.int64)), mnist.test.labels.long())

@@ -80,8 +80,8 @@ def check(run: Path, eps: float, images: np.ndarray, labels: np.ndarray) -> dict
         margin_lower[torch.arange(len(y)), y] = float("inf")
         natural += int(correct.sum())
         certified += int((correct & (margin_lower > 0).all(1)).sum())
-    return {"run": str(run), "samples": len(labels), "natural": round(natural / len(labels) * 100, 2),
-            "ibp_certified": round(certified / len(labels) * 100, 2)}
+    return {"run": str(run), "samples": len(labels), "correct": natural, "ibp_certified_samples": certified,
+            "natural": round(natural / len(labels) * 100, 2), "ibp_certified": round(certified / len(labels) * 100, 2)}
 
 
 def main() -> None:

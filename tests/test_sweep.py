@@ -8,7 +8,7 @@ pytest.importorskip("optuna")
 
 from ctbench.bench import sweep_study  # noqa: E402
 from ctbench.bench.jobs import canonical_config  # noqa: E402
-from ctbench.bench.sweep import SweepError, make_sweep  # noqa: E402
+from ctbench.bench.sweep import SweepError, make_sweep, preset_params  # noqa: E402
 from ctbench.bench.sweep_results import (  # noqa: E402
     TrialRow, choose, front_of, pareto_front, preset_text, trial_rows, write_preset,
 )
@@ -155,12 +155,24 @@ def test_pareto_front_and_choice_on_synthetic_points():
     assert choose([rows[-1]]) is None
 
 
+def test_an_exact_tie_keeps_the_presets_own_values():
+    definition = {"preset": "mnist-mini-0.1/mtl_ibp", "overrides": ["data.validation_size=5000"],
+                  "grid": {"method.w_rob": [0.8, 0.7], "regularization.l1": [5e-6, 1e-5]}, "seeds": [0]}
+    assert preset_params(definition) == {"method.w_rob": 0.7, "regularization.l1": 1e-5}
+    other = TrialRow(0, "COMPLETE", {"method.w_rob": 0.8, "regularization.l1": 5e-6}, 0.9346, 0.9674)
+    own = TrialRow(1, "COMPLETE", {"method.w_rob": 0.7, "regularization.l1": 1e-5}, 0.9346, 0.9674)
+    assert choose([other, own], definition) is own  # a tie is no evidence to change the preset
+    assert choose([other, own]) is other  # without the definition: the earlier trial
+    better = TrialRow(0, "COMPLETE", other.params, 0.9346, 0.9676)
+    assert choose([better, own], definition) is better  # a higher natural accuracy is a difference
+
+
 def test_the_written_preset_reproduces_the_chosen_config(swept, tmp_path, capsys):
     sweep, db, _, _ = swept
     rows = study_rows(sweep, db)
     path = tmp_path / "chosen.yaml"
     chosen = write_preset(path, sweep.definition(), rows, sweep.study)
-    assert chosen == choose(rows)
+    assert chosen == choose(rows, sweep.definition())
     assert path.read_text().startswith(f"preset: {PRESET}\n")
     # as a job trains it: IBP runs no attack, so attack.precision is float32 whatever the file says
     assert canonical_config(load_config(path)) == sweep.config(chosen.params, 0) == canonical_config(load_config(

@@ -296,7 +296,7 @@ def _sweep(study) -> str:
 
     rows = trial_rows(study)
     definition = study.user_attrs.get("definition", {})
-    front, chosen = front_of(rows), choose(rows)
+    front, chosen = front_of(rows), choose(rows, definition or None)
     points = [(row.natural, row.certified) for row in complete_points(rows)]
     figure = pareto_figure(study.study_name, points, [(row.natural, row.certified) for row in front],
                            None if chosen is None else (chosen.natural, chosen.certified))

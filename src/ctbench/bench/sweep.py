@@ -62,6 +62,18 @@ class Sweep:
         return Path(root) / "sweeps" / safe_name(self.study) / safe_name(point_label(params)) / f"seed{seed}-{key[:10]}"
 
 
+def preset_params(definition: dict[str, Any]) -> dict[str, GridValue]:
+    """The values the preset (with the sweep's fixed overrides) itself gives the grid keys."""
+    resolved = config_to_dict(config_from_dict(_base_data(definition["preset"], tuple(definition["overrides"]))))
+    values = {}
+    for key in definition["grid"]:
+        value = resolved
+        for part in key.split("."):
+            value = value[part]
+        values[key] = value
+    return values
+
+
 def point_label(params: dict[str, GridValue]) -> str:
     return ",".join(f"{key}={value}" for key, value in params.items())
 

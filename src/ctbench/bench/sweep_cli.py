@@ -69,7 +69,7 @@ def cmd_sweep(args) -> int:
             print(f"  failed: {label}: {error}")
     study = open_study(sweep, open_storage(storage_path(args.db)), create=False)
     rows = trial_rows(study)
-    print(show_text(sweep.study, rows), end="")
+    print(show_text(sweep.study, rows, sweep.definition()), end="")
     if args.write_preset:
         chosen = write_preset(Path(args.write_preset), sweep.definition(), rows, sweep.study)
         print(f"wrote {args.write_preset} (trial {chosen.number}: {chosen.label})")

@@ -2,7 +2,8 @@
 the user preset that keeps it.
 
 All figures are validation accuracies (fractions; printed in percent). The chosen trial is the
-best certified one, ties broken by natural accuracy, then by the earlier trial. A grid point
+best certified one, ties broken by natural accuracy, then by the preset's own values (an exact tie
+is no evidence to change them), then by the earlier trial. A grid point
 that was run twice (a retry, or two workers) counts once: its first complete trial.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 
 from ..config import apply_overrides, merge
 from ..io import atomic_write_text
-from .sweep import SweepError, nested, point_label
+from .sweep import SweepError, nested, point_label, preset_params
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,12 @@ def front_of(rows: Sequence[TrialRow]) -> list[TrialRow]:
     return [points[i] for i in pareto_front([(row.natural, row.certified) for row in points])]
 
 
-def choose(rows: Sequence[TrialRow]) -> TrialRow | None:
-    """Best certified, ties by natural, then the earlier trial; None without a complete trial."""
+def choose(rows: Sequence[TrialRow], definition: dict[str, Any] | None = None) -> TrialRow | None:
+    """Best certified, ties by natural, then the point of the preset's own values (when
+    ``definition`` names the sweep), then the earlier trial; None without a complete trial."""
     points = complete_points(rows)
-    return max(points, key=lambda row: (row.certified, row.natural, -row.number)) if points else None
+    own = preset_params(definition) if definition else None
+    return max(points, key=lambda row: (row.certified, row.natural, row.params == own, -row.number)) if points else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,10 +90,10 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
-def show_text(study: str, rows: Sequence[TrialRow]) -> str:
+def show_text(study: str, rows: Sequence[TrialRow], definition: dict[str, Any] | None = None) -> str:
     """The trials (front marked *, chosen marked >) and the front, as text."""
     front = {row.number for row in front_of(rows)}
-    chosen = choose(rows)
+    chosen = choose(rows, definition)
     lines = [f"sweep {study}: {len(rows)} trials (validation accuracy in %; * on the natural-vs-certified "
              f"front, > chosen)", f"{'':2s}{'trial':>5s} {'state':9s} {'cert.':>6s} {'nat.':>6s}  config"]
     for row in rows:
@@ -122,7 +125,7 @@ def preset_text(definition: dict[str, Any], chosen: TrialRow, study: str) -> str
 
 def write_preset(path: Path, definition: dict[str, Any], rows: Sequence[TrialRow], study: str) -> TrialRow:
     """Write the chosen config as a user preset YAML (atomically); returns the chosen trial."""
-    chosen = choose(rows)
+    chosen = choose(rows, definition)
     if chosen is None:
         raise SweepError(f"the sweep {study!r} has no complete trial yet: run it (without --show) before "
                          f"--write-preset")

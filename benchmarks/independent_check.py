@@ -32,8 +32,15 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
+CNN3_BN_SHAPES = {"1.weight": (16, 1, 5, 5), "4.weight": (32, 16, 4, 4), "8.weight": (10, 1568)}
+
+
 def network(state: dict[str, torch.Tensor]):
     """The CNN3-BN forward map on (centre, radius) pairs, in float64."""
+    shapes = {key: tuple(state[key].shape) if key in state else None for key in CNN3_BN_SHAPES}
+    if shapes != CNN3_BN_SHAPES or "2.running_var" not in state or "0.std" not in state:
+        raise SystemExit(f"not a CNN3-BN state (MNIST): weight shapes {shapes}, expected {CNN3_BN_SHAPES} with "
+                         f"BatchNorm at 2 and 5 and the normalization layer at 0; this check knows only CNN3-BN")
     s = {k: v.double() for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
     def affine_bn(prefix: str, c, r):

@@ -56,3 +56,10 @@ def test_independent_idx_reader_reads_what_ctbench_reads(mnist):
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert torch.equal(torch.from_numpy(images.copy()).reshape(mnist.test.images.shape), mnist.test.images)
     assert torch.equal(torch.from_numpy(labels.astype(np.int64)), mnist.test.labels.long())
+
+
+def test_a_network_other_than_cnn3_bn_is_refused_by_name(tmp_path):
+    torch.save({"model": build_model("cnn5", InputSpec(1, 28, 10, (0.0,), (1.0,))).state_dict()}, tmp_path / "final.pt")
+    images = np.zeros((2, 28, 28), dtype=np.uint8)
+    with pytest.raises(SystemExit, match="not a CNN3-BN state"):
+        independent.check(tmp_path, 0.1, images, np.zeros(2, dtype=np.int64))

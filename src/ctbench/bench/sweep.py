@@ -65,13 +65,7 @@ class Sweep:
 def preset_params(definition: dict[str, Any]) -> dict[str, GridValue]:
     """The values the preset (with the sweep's fixed overrides) itself gives the grid keys."""
     resolved = config_to_dict(config_from_dict(_base_data(definition["preset"], tuple(definition["overrides"]))))
-    values = {}
-    for key in definition["grid"]:
-        value = resolved
-        for part in key.split("."):
-            value = value[part]
-        values[key] = value
-    return values
+    return {key: _lookup(resolved, key) for key in definition["grid"]}
 
 
 def point_label(params: dict[str, GridValue]) -> str:

@@ -70,7 +70,7 @@ SCHEDULES = {
 }
 MINI = {"mnist-mini-0.1": "mnist-0.1", "mnist-mini-0.3": "mnist-0.3"}
 # mini presets tuned on their own schedule (App. B.4 sweep, validation split) instead of the tables' values
-MINI_TUNED = {("mnist-mini-0.1", "ibp"): {"l1": 1e-6, "train_eps": 0.15}}
+MINI_TUNED = {("mnist-mini-0.1", "ibp"): {"l1": 1e-6, "train_eps": 0.15}, ("mnist-mini-0.1", "sabr"): {"train_eps": 0.15}}
 
 
 def test_every_setting_has_every_method_and_all_presets_load():

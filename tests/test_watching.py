@@ -46,6 +46,35 @@ def test_the_trainer_logs_every_epoch_and_prints_nothing(tmp_path, mnist, capfd)
         assert any((run / "tensorboard").iterdir())
 
 
+def test_the_recorded_commit_is_dirty_only_when_the_code_itself_differs(tmp_path):
+    import shutil
+    import subprocess
+
+    from ctbench.environment import source_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on PATH")
+    package, results = tmp_path / "src" / "pkg", tmp_path / "results"
+    package.mkdir(parents=True)
+    results.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    (results / "table.md").write_text("| a |\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert source_commit(package) == head
+    (results / "table.md").write_text("| b |\n")  # results rewritten: the code is still the commit's
+    assert source_commit(package) == head
+    (package / "new_module.py").write_text("y = 2\n")  # a new, untracked module is a code change
+    assert source_commit(package) == head + "+dirty"
+    (package / "new_module.py").unlink()
+    (package / "code.py").write_text("x = 2\n")
+    assert source_commit(package) == head + "+dirty"
+    assert source_commit(tmp_path.parent / "not-a-checkout-anywhere") is None
+
+
 def _has_tensorboard() -> bool:
     try:
         import torch.utils.tensorboard  # noqa: F401  (only whether it imports)

@@ -33,13 +33,21 @@ def cpu_name() -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the git checkout ctbench runs from ("+dirty" with local changes), or None."""
-    here = Path(__file__).parent
+    """The commit of the git checkout ctbench runs from, or None; see `source_commit`."""
+    return source_commit(Path(__file__).parent)
+
+
+def source_commit(source: Path) -> str | None:
+    """HEAD of the checkout holding `source`, with "+dirty" when files under `source` differ from it.
+
+    Only the code's own folder counts: a checkout whose results or notes are being rewritten
+    (as a benchmark's results pages are, before its report) still runs the committed code.
+    """
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=source,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -2,6 +2,8 @@
 plot), extending a run with --resume --allow-change and fine-tuning with --init-from."""
 import csv
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from ctbench.attacks.pgd import fast_bfloat16
 from ctbench.cli import main
 from ctbench.config import ConfigError, apply_overrides, config_from_dict
+from ctbench.environment import source_commit
 from ctbench.presets import preset_data
 from ctbench.training import CheckpointError, Trainer
 
@@ -46,12 +49,7 @@ def test_the_trainer_logs_every_epoch_and_prints_nothing(tmp_path, mnist, capfd)
         assert any((run / "tensorboard").iterdir())
 
 
-def test_the_recorded_commit_is_dirty_only_when_the_code_itself_differs(tmp_path):
-    import shutil
-    import subprocess
-
-    from ctbench.environment import source_commit
-
+def test_the_recorded_commit_is_dirty_only_when_the_code_itself_differs(tmp_path, tmp_path_factory):
     if shutil.which("git") is None:
         pytest.skip("no git on PATH")
     package, results = tmp_path / "src" / "pkg", tmp_path / "results"
@@ -72,7 +70,10 @@ def test_the_recorded_commit_is_dirty_only_when_the_code_itself_differs(tmp_path
     (package / "new_module.py").unlink()
     (package / "code.py").write_text("x = 2\n")
     assert source_commit(package) == head + "+dirty"
-    assert source_commit(tmp_path.parent / "not-a-checkout-anywhere") is None
+    outside = tmp_path_factory.mktemp("not-a-checkout")
+    if subprocess.run(["git", "-C", str(outside), "rev-parse"], capture_output=True).returncode != 0:
+        assert source_commit(outside) is None  # (skipped where the temporary folder lies in a checkout)
+    assert source_commit(outside / "missing") is None
 
 
 def _has_tensorboard() -> bool:

@@ -562,6 +562,7 @@ def test_shipped_suites_resolve_to_the_planned_jobs():
     seeds = {(job.setting, job.method): sorted(j.seed for j in mini.jobs if (j.setting, j.method) ==
                                                (job.setting, job.method)) for job in mini.jobs}
     assert seeds[("mnist-mini-0.3", "ibp")] == seeds[("mnist-mini-0.1", "ibp")] == [0, 1, 2, 3, 4]
+    assert seeds[("mnist-mini-0.1", "mtl_ibp")] == [0, 1, 2, 3, 4]
     assert seeds[("mnist-mini-0.1", "sabr")] == seeds[("mnist-mini-0.1", "crown_ibp")] == [0, 1, 2]
     assert seeds[("mnist-mini-0.1", "taps")] == seeds[("mnist-mini-0.3", "mtl_ibp")] == [0]
     assert len(load_suite("smoke", seeds=[3, 4]).jobs) == 4

@@ -26,6 +26,7 @@ statistics and evaluations are computed sharded and summed, so all ranks agree.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, TypeVar
 
@@ -184,5 +185,11 @@ def start_data_parallel(device: torch.device) -> DataParallel:
 
 
 def stop_data_parallel() -> None:
+    """Leave the job. After a clean run the ranks first meet in a barrier: a rank that tore down
+    its gloo connections while a peer still used them aborted the peer ("terminate called without
+    an active exception"). A rank leaving on an exception skips it, so it cannot wait for a peer
+    that will never come."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()

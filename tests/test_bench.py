@@ -761,7 +761,7 @@ def test_each_arm_of_the_arms_suite_changes_its_keys_and_nothing_else():
 
     defaults = {(job.setting, job.method, job.seed): dict(flat(job.config)) for job in load_suite("mnist-mini").jobs}
     arms = load_suite(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "mnist-mini-arms.yaml"))
-    assert len(arms.jobs) == 73
+    assert len(arms.jobs) == 75
     for job in arms.jobs:
         default, config = defaults[(job.setting, job.method, job.seed)], dict(flat(job.config))
         changed = {key for key in config if config[key] != default.get(key)}

@@ -631,6 +631,27 @@ def test_a_whole_suite_sets_its_members_and_a_narrowed_one_adds_to_them(tmp_path
     assert connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 5  # no job row is dropped
 
 
+def test_a_job_registered_again_takes_the_latest_suites_label_and_keeps_its_results(tmp_path):
+    """The same config named two ways (an override equal to the preset's own value): one job, whose
+    overrides follow the suite that registered it last, so a preset that adopts an arm's value
+    relabels that arm's runs without retraining them."""
+    def overrides_of(connection, key):
+        return json.loads(connection.execute("SELECT overrides FROM jobs WHERE job_key = ?", (key,)).fetchone()[0])
+
+    connection, root = connect(tmp_path / "db.sqlite"), tmp_path / "bench"
+    plain = load_suite(write_suite(tmp_path, "groups: [{presets: [demo/ibp], seeds: [0]}]"))
+    named = load_suite(write_suite(tmp_path, "groups: [{presets: [demo/ibp], seeds: [0], overrides: [optim.lr=0.0005]}]"))
+    key = plain.jobs[0].job_key
+    assert named.jobs[0].job_key == key
+    register_suite(connection, plain, list(plain.jobs), root)
+    connection.execute("UPDATE jobs SET status = 'done' WHERE job_key = ?", (key,))
+    register_suite(connection, named, list(named.jobs), root)
+    assert overrides_of(connection, key) == ["optim.lr=0.0005"]
+    register_suite(connection, plain, list(plain.jobs), root)
+    assert overrides_of(connection, key) == []
+    assert connection.execute("SELECT status FROM jobs WHERE job_key = ?", (key,)).fetchone()[0] == "done"
+
+
 def test_apgd_in_the_attack_stage_is_a_certification_of_its_own(tmp_path):
     """``certify: {apgd: true}`` hands the cascade APGD-CE and APGD-T after PGD: another
     certification (job key) of the same trained model, named in Table 1's attack note; false

@@ -191,7 +191,10 @@ def _json(value: Any) -> str | None:
 def register_suite(connection: sqlite3.Connection, suite, jobs: list[Job], root: Path) -> None:
     """Record the suite and its jobs; jobs not yet in the database start as "pending". For a
     whole suite (``suite.whole``) these jobs become its members: jobs of an earlier version of
-    its file leave it (their rows stay in the database); a narrowed one adds its jobs."""
+    its file leave it (their rows stay in the database); a narrowed one adds its jobs. A job
+    already in the database keeps its results and takes this suite's preset and overrides as its
+    label: the same config, named against today's preset (a preset that adopts an arm's value
+    makes that arm's runs its default jobs, and the value it replaced an override)."""
     with transaction(connection):
         connection.execute("INSERT OR REPLACE INTO suites VALUES (?, ?, ?, ?, ?)",
                            (suite.name, str(Path(suite.path).resolve()), suite.description,
@@ -202,6 +205,9 @@ def register_suite(connection: sqlite3.Connection, suite, jobs: list[Job], root:
             connection.execute("INSERT OR IGNORE INTO suite_jobs VALUES (?, ?)", (suite.name, job.job_key))
             if connection.execute("SELECT 1 FROM jobs WHERE job_key = ?", (job.job_key,)).fetchone() is None:
                 _write_job_row(connection, job, root, "pending", None)
+            else:
+                connection.execute("UPDATE jobs SET source = ?, overrides = ? WHERE job_key = ?",
+                                   (job.source, _json(job.record()["overrides"]), job.job_key))
 
 
 def job_status(connection: sqlite3.Connection, job_key: str) -> str | None:

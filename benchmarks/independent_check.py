@@ -98,8 +98,7 @@ class Cnn3Bn:
 
     def ibp(self, lower: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor):
         """IBP margin lower bounds (n, classes) and the pre-activation boxes of both blocks."""
-        c, r = (upper + lower) / 2 / self.std, (upper - lower) / 2 / self.std.abs()
-        c = c - self.mean / self.std
+        c, r = ((upper + lower) / 2 - self.mean) / self.std, (upper - lower) / 2 / self.std.abs()
         boxes = []
         for block in self.blocks:
             c, r = block.centre(c), block.radius(r)
